@@ -1,0 +1,54 @@
+"""l-DAE for `transformers`: importing this package registers the model with the Auto classes."""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+)
+
+from .configuration_ldae import PRESETS, LDAEConfig
+from .modeling_ldae import (
+    LDAEForImageClassification,
+    LDAEForPreTraining,
+    LDAEForPreTrainingOutput,
+    LDAEModel,
+    LDAEPreTrainedModel,
+    patchify,
+    timestep_to_sigma,
+    unpatchify,
+)
+from .pca import PatchPCAAccumulator, explained_variance_ratio, fit_patch_pca
+
+AUTO_CLASSES = {
+    "AutoModel": LDAEModel,
+    "AutoModelForPreTraining": LDAEForPreTraining,
+    "AutoModelForImageClassification": LDAEForImageClassification,
+}
+
+AutoConfig.register(LDAEConfig.model_type, LDAEConfig, exist_ok=True)
+AutoModel.register(LDAEConfig, LDAEModel, exist_ok=True)
+AutoModelForPreTraining.register(LDAEConfig, LDAEForPreTraining, exist_ok=True)
+AutoModelForImageClassification.register(LDAEConfig, LDAEForImageClassification, exist_ok=True)
+
+# `save_pretrained` copies the flat code files and writes `auto_map`, so checkpoints also load with
+# `trust_remote_code=True` where this package is not installed.
+LDAEConfig.register_for_auto_class()
+for _auto_class, _model_class in AUTO_CLASSES.items():
+    _model_class.register_for_auto_class(_auto_class)
+
+__all__ = [
+    "PRESETS",
+    "LDAEConfig",
+    "LDAEForImageClassification",
+    "LDAEForPreTraining",
+    "LDAEForPreTrainingOutput",
+    "LDAEModel",
+    "LDAEPreTrainedModel",
+    "PatchPCAAccumulator",
+    "explained_variance_ratio",
+    "fit_patch_pca",
+    "patchify",
+    "timestep_to_sigma",
+    "unpatchify",
+]

@@ -1,0 +1,728 @@
+"""l-DAE: latent Denoising Autoencoder (Chen, Liu, Xie, He, "Deconstructing Denoising Diffusion Models for
+Self-Supervised Learning").
+
+Read top to bottom, this file follows the data: patches -> fixed patch-wise PCA tokenizer -> noise added in the
+PCA latent -> back to pixels -> DiT-style ViT blocks with adaLN-Zero time conditioning (encoder = the first
+`num_hidden_layers` blocks of one stack, decoder = the rest) -> heads (clean-image prediction for pre-training,
+average-pooled encoder features, classifiers).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_ldae import LDAEConfig
+
+
+def _value_checks_enabled() -> bool:
+    # Data-dependent checks would break `torch.compile(fullgraph=True)`; shape checks stay on (they are static).
+    return not torch.compiler.is_compiling()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Patches and the PCA tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p * p * C), patches in row-major order, values ordered (row, column, channel)."""
+    batch, channels, height, width = pixel_values.shape
+    grid_h, grid_w = height // patch_size, width // patch_size
+    patches = pixel_values.reshape(batch, channels, grid_h, patch_size, grid_w, patch_size)
+    return patches.permute(0, 2, 4, 3, 5, 1).reshape(batch, grid_h * grid_w, patch_size * patch_size * channels)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of `patchify`."""
+    batch, _, patch_dim = patches.shape
+    channels = patch_dim // (patch_size * patch_size)
+    grid_h, grid_w = height // patch_size, width // patch_size
+    pixels = patches.reshape(batch, grid_h, grid_w, patch_size, patch_size, channels)
+    return pixels.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, height, width)
+
+
+class LDAEPatchPCA(nn.Module):
+    """The fixed patch-wise PCA: mean mu (D), orthonormal basis V_full (D x D, rows by descending eigenvalue) and the
+    eigenvalues. All fp32 whatever the model dtype (at t = 10, sigma = 0.014 is below bf16 rounding of pixels).
+    All-zero eigenvalues mean "not fitted"."""
+
+    def __init__(self, config: LDAEConfig):
+        super().__init__()
+        self.pca_dim = config.pca_dim
+        dim = config.patch_dim
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float32))
+        self.register_buffer("components", torch.eye(dim, dtype=torch.float32))
+        self.register_buffer("eigenvalues", torch.zeros(dim, dtype=torch.float32))
+
+    def _apply(self, fn, *args, **kwargs):
+        # `model.to(torch.bfloat16)` casts every floating buffer; bring the tokenizer back to fp32.
+        super()._apply(fn, *args, **kwargs)
+        for name, buffer in self._buffers.items():
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float32:
+                self._buffers[name] = buffer.float()
+        return self
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.eigenvalues.abs().sum() > 0)
+
+    def require_fitted(self, purpose: str):
+        if _value_checks_enabled() and not self.is_fitted:
+            raise ValueError(
+                f"{purpose} needs a fitted PCA tokenizer, but this model's PCA is not fitted (all-zero eigenvalues). "
+                "Fit one with `modeling_ldae.fit_patch_pca(...)` and call `model.set_pca(mean, components, "
+                "eigenvalues)`, or load a checkpoint that has one."
+            )
+
+    @torch.no_grad()
+    def set(self, mean: torch.Tensor, components: torch.Tensor, eigenvalues: torch.Tensor):
+        dim = self.mean.shape[0]
+        mean, components, eigenvalues = (torch.as_tensor(t, dtype=torch.float64) for t in (mean, components, eigenvalues))
+        for name, value, shape in (("mean", mean, (dim,)), ("components", components, (dim, dim)),
+                                   ("eigenvalues", eigenvalues, (dim,))):
+            if tuple(value.shape) != shape:
+                raise ValueError(f"set_pca: `{name}` has shape {tuple(value.shape)}, expected {shape} (D = {dim}).")
+            if not torch.isfinite(value).all():
+                raise ValueError(f"set_pca: `{name}` contains NaN or inf values.")
+        error = (components @ components.T - torch.eye(dim, dtype=torch.float64)).abs().max().item()
+        if error > 1e-4:
+            raise ValueError(
+                f"set_pca: `components` is not orthonormal (max |V V^T - I| = {error:.2e}, expected < 1e-4): pass "
+                "the full D x D eigenvector matrix, one component per row."
+            )
+        if (eigenvalues < -1e-6).any() or (eigenvalues[1:] > eigenvalues[:-1] + 1e-9).any() or eigenvalues.sum() <= 0:
+            raise ValueError("set_pca: `eigenvalues` must be non-negative, not all zero, and sorted descending "
+                             "(components ordered to match).")
+        self.mean.copy_(mean)
+        self.components.copy_(components)
+        self.eigenvalues.copy_(eigenvalues)
+
+    def encode(self, patches: torch.Tensor) -> torch.Tensor:
+        """z = V (x - mu), the top-d latent."""
+        return (patches - self.mean) @ self.components[: self.pca_dim].T
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Inverse PCA mu + V^T z: the PCA residual (I - V^T V)(x - mu) is not recovered."""
+        return self.mean + latent @ self.components[: self.pca_dim]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Noise: sigma_t linear from 0 to sigma_max over T steps, added in the latent (no signal scaling)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def timestep_to_sigma(timesteps: torch.Tensor, config: LDAEConfig) -> torch.Tensor:
+    return timesteps.to(torch.float32) * (config.sigma_max / (config.num_timesteps - 1))
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """DiT's sinusoidal embedding of integer timesteps, in fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps.to(torch.float32)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class LDAETimestepEmbedder(nn.Module):
+    """t -> conditioning vector c of width `time_embed_dim` (h / 4 in the paper, to save adaLN parameters)."""
+
+    def __init__(self, config: LDAEConfig):
+        super().__init__()
+        self.frequency_embedding_size = config.frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(config.frequency_embedding_size, config.time_embed_dim),
+            nn.SiLU(),
+            nn.Linear(config.time_embed_dim, config.time_embed_dim),
+        )
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        frequencies = timestep_embedding(timesteps, self.frequency_embedding_size)
+        return self.mlp(frequencies.to(self.mlp[0].weight.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embeddings and blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sincos_position_embeddings(hidden_size: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions (MAE / DiT), (1, grid_h * grid_w, hidden_size); computed for any grid."""
+    quarter = hidden_size // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                                torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+    out_w, out_h = cols.reshape(-1, 1) * omega, rows.reshape(-1, 1) * omega
+    table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+    return table.float().unsqueeze(0)
+
+
+class LDAEEmbeddings(nn.Module):
+    """Patch projection plus fixed sin-cos positions; no class token."""
+
+    def __init__(self, config: LDAEConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embeddings = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        grid = config.image_size // config.patch_size
+        # Not saved: recomputed by `_init_weights` on construction and after loading, so any resolution loads.
+        self.register_buffer(
+            "position_embeddings", torch.zeros(1, grid * grid, config.hidden_size), persistent=False
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        embeddings = self.patch_embeddings(pixel_values)
+        _, _, grid_h, grid_w = embeddings.shape
+        grid = self.config.image_size // self.config.patch_size
+        if (grid_h, grid_w) == (grid, grid):
+            positions = self.position_embeddings.to(embeddings.dtype)
+        else:
+            # Sin-cos positions are a function of the grid: recompute them exactly instead of interpolating.
+            positions = sincos_position_embeddings(self.config.hidden_size, grid_h, grid_w).to(embeddings)
+        return embeddings.flatten(2).transpose(1, 2) + positions
+
+
+class LDAEAttention(nn.Module):
+    def __init__(self, config: LDAEConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = config.attention_probs_dropout_prob
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        batch, length, width = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.unbind(0)
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if output_attentions or self.config._attn_implementation == "eager":
+            weights = (query * self.head_dim**-0.5) @ key.transpose(-2, -1)
+            weights = F.dropout(weights.softmax(dim=-1), p=dropout, training=self.training)
+            context = weights @ value
+        else:
+            context = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout)
+        context = context.transpose(1, 2).reshape(batch, length, width)
+        return self.proj(context), (weights if output_attentions else None)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class LDAEBlock(GradientCheckpointingLayer):
+    """DiT block with adaLN-Zero: per-block shift / scale / gate from c for attention and MLP. After
+    `merge_time_conditioning()` the constants live in affine LayerNorms and the output projections, and the block is
+    a plain pre-norm ViT block."""
+
+    def __init__(self, config: LDAEConfig, drop_path: float = 0.0):
+        super().__init__()
+        merged = config.time_conditioning_merged
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, elementwise_affine=merged)
+        self.attention = LDAEAttention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, elementwise_affine=merged)
+        self.mlp = Mlp(config.hidden_size, config.intermediate_size, act_layer=lambda: ACT2FN[config.hidden_act])
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.adaLN_modulation = None if merged else nn.Sequential(
+            nn.SiLU(), nn.Linear(config.time_embed_dim, 6 * config.hidden_size)
+        )
+
+    def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor | None, output_attentions: bool = False):
+        if self.adaLN_modulation is None:
+            attention_output, weights = self.attention(self.norm1(hidden_states), output_attentions)
+            hidden_states = hidden_states + self.drop_path(attention_output)
+            return hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states))), weights
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(conditioning).chunk(6, -1)
+        attention_output, weights = self.attention(modulate(self.norm1(hidden_states), shift_msa, scale_msa),
+                                                   output_attentions)
+        hidden_states = hidden_states + self.drop_path(gate_msa.unsqueeze(1) * attention_output)
+        mlp_output = self.mlp(modulate(self.norm2(hidden_states), shift_mlp, scale_mlp))
+        return hidden_states + self.drop_path(gate_mlp.unsqueeze(1) * mlp_output), weights
+
+    @torch.no_grad()
+    def merge_time_conditioning(self, conditioning: torch.Tensor, layer_norm_eps: float):
+        """Fold the constants of one conditioning vector c (shape (time_embed_dim,)) into the block, exactly."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.adaLN_modulation(conditioning[None]).float()[0].chunk(6)
+        )
+        for name, shift, scale in (("norm1", shift_msa, scale_msa), ("norm2", shift_mlp, scale_mlp)):
+            old = getattr(self, name)
+            norm = nn.LayerNorm(old.normalized_shape, eps=layer_norm_eps).to(conditioning.device)
+            norm.weight.copy_(1 + scale)
+            norm.bias.copy_(shift)
+            setattr(self, name, norm.to(self.attention.proj.weight.dtype))
+        for linear, gate in ((self.attention.proj, gate_msa), (self.mlp.fc2, gate_mlp)):
+            linear.weight.copy_(linear.weight.float() * gate[:, None])
+            linear.bias.copy_(linear.bias.float() * gate)
+        self.adaLN_modulation = None
+
+
+class LDAEFinalLayer(nn.Module):
+    """adaLN LayerNorm + Linear to the p * p * C pixels of each patch (DiT's final layer)."""
+
+    def __init__(self, config: LDAEConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, elementwise_affine=False)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.time_embed_dim, 2 * config.hidden_size))
+        self.linear = nn.Linear(config.hidden_size, config.patch_dim)
+
+    def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(conditioning).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(hidden_states), shift, scale))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs and the pre-trained model base
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LDAEForPreTrainingOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`): the paper's Eq. 4, lambda_t-weighted, residual components down-weighted,
+        mean over patches and batch (fp32).
+    logits (`torch.FloatTensor` of shape `(batch_size, num_patches, patch_size ** 2 * num_channels)`):
+        predicted clean patches (see `modeling_ldae.unpatchify` for images).
+    noisy_pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+        the network input mu + V^T (V (x - mu) + sigma_t * eps), as an image.
+    timesteps (`torch.LongTensor` of shape `(batch_size,)`): the t of each example.
+    hidden_states, attentions: as in every `transformers` model, one entry per block (plus the embeddings).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    noisy_pixel_values: torch.FloatTensor | None = None
+    timesteps: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class LDAEPreTrainedModel(PreTrainedModel):
+    config_class = LDAEConfig
+    base_model_prefix = "ldae"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["LDAEBlock"]
+    _keep_in_fp32_modules_strict = ["pca"]
+
+    def _init_weights(self, module):
+        """DiT's initialisation: xavier linears, zero adaLN-Zero and final layer, fixed sin-cos positions."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, LDAEEmbeddings):
+            # DiT: xavier-uniform of the projection seen as a (hidden, C * p * p) matrix. Bound computed here because
+            # init on a view would bypass the loaded-tensor guard of `transformers.initialization`.
+            weight = module.patch_embeddings.weight
+            bound = math.sqrt(6.0 / (weight.shape[0] + weight[0].numel()))
+            init.uniform_(weight, -bound, bound)
+            init.zeros_(module.patch_embeddings.bias)
+            grid_h = grid_w = self.config.image_size // self.config.patch_size
+            init.copy_(module.position_embeddings, sincos_position_embeddings(self.config.hidden_size, grid_h, grid_w))
+        elif isinstance(module, LDAEPatchPCA):
+            init.zeros_(module.mean)
+            init.eye_(module.components)
+            init.zeros_(module.eigenvalues)
+        elif isinstance(module, LDAETimestepEmbedder):
+            init.normal_(module.mlp[0].weight, std=std)
+            init.normal_(module.mlp[2].weight, std=std)
+        elif isinstance(module, (LDAEBlock, LDAEFinalLayer)) and module.adaLN_modulation is not None:
+            init.zeros_(module.adaLN_modulation[-1].weight)
+            init.zeros_(module.adaLN_modulation[-1].bias)
+        if isinstance(module, LDAEFinalLayer):
+            init.zeros_(module.linear.weight)
+            init.zeros_(module.linear.bias)
+        elif isinstance(module, LDAEForImageClassification):
+            head_std = 0.01 if self.config.classifier_head == "linear_probe" else 2e-5  # MAE's probe / fine-tune
+            init.trunc_normal_(module.classifier.weight, std=head_std)
+            init.zeros_(module.classifier.bias)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base_model.embeddings.patch_embeddings
+
+    def set_pca(self, mean: torch.Tensor, components: torch.Tensor, eigenvalues: torch.Tensor):
+        """Install a fitted PCA tokenizer (from `fit_patch_pca`): mean (D,), components (D, D) as orthonormal rows
+        sorted by the descending eigenvalues (D,). May be called again to replace it."""
+        self.base_model.pca.set(mean, components, eigenvalues)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # transformers would silently re-initialise missing tensors; a backbone without its weights or PCA is a broken
+        # checkpoint, so refuse. Missing decoder blocks or heads stay warnings (new heads are expected).
+        return_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        required = sorted(key for key in info["missing_keys"] if model._is_backbone_key(key))
+        if required:
+            shown = ", ".join(required[:8]) + (f" and {len(required) - 8} more" if len(required) > 8 else "")
+            raise ValueError(
+                f"The checkpoint {args[0] if args else kwargs.get('pretrained_model_name_or_path')!r} lacks backbone "
+                f"tensors that {cls.__name__} needs: {shown}. It was saved by a different model (or with fewer "
+                "encoder blocks than `num_hidden_layers`); load a complete l-DAE checkpoint."
+            )
+        return (model, info) if return_info else model
+
+    def _is_backbone_key(self, key: str) -> bool:
+        name = key.removeprefix(f"{self.base_model_prefix}.")
+        if name.startswith(("pca.", "embeddings.", "time_embedder.")):
+            return True
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) < self.config.num_hidden_layers
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The backbone: encoder (and, for pre-training, the decoder) on one stack of blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LDAEModel(LDAEPreTrainedModel):
+    """The l-DAE representation: the encoder blocks at a fixed t on the clean image, average-pooled."""
+
+    def __init__(self, config: LDAEConfig, add_decoder: bool = False):
+        super().__init__(config)
+        self.config = config
+        self.pca = LDAEPatchPCA(config)
+        self.embeddings = LDAEEmbeddings(config)
+        self.time_embedder = None if config.time_conditioning_merged else LDAETimestepEmbedder(config)
+        depth = config.num_hidden_layers + (config.decoder_num_hidden_layers if add_decoder else 0)
+        rates = torch.linspace(0, config.drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([LDAEBlock(config, rate) for rate in rates])
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    # -- inputs ---------------------------------------------------------------------------------------------------
+
+    def check_pixel_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool):
+        config = self.config
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != config.num_channels:
+            raise ValueError(
+                f"`pixel_values` has shape {tuple(pixel_values.shape)}, expected (batch, {config.num_channels}, "
+                "height, width): the channel count must match `config.num_channels`."
+            )
+        height, width = pixel_values.shape[-2:]
+        if height % config.patch_size or width % config.patch_size:
+            raise ValueError(
+                f"`pixel_values` is {height}x{width}, expected a size divisible by patch_size {config.patch_size}."
+            )
+        if not interpolate_pos_encoding and (height, width) != (config.image_size, config.image_size):
+            raise ValueError(
+                f"`pixel_values` is {height}x{width} but the model was configured for {config.image_size}x"
+                f"{config.image_size}: resize the images, or pass `interpolate_pos_encoding=True`."
+            )
+
+    def resolve_timesteps(self, timesteps, batch_size: int, device: torch.device) -> torch.Tensor:
+        """An int, a (batch,) integer tensor or None (-> `feature_timestep`) -> (batch,) long tensor, checked."""
+        config = self.config
+        if config.time_conditioning_merged:
+            if timesteps is not None:
+                raise ValueError(
+                    f"`timesteps` = {timesteps!r}, but this model's time conditioning was merged at t = "
+                    f"{config.merged_timestep}: it cannot be conditioned on another t; pass timesteps=None."
+                )
+            timesteps = config.merged_timestep
+        if timesteps is None:
+            timesteps = config.feature_timestep
+        if isinstance(timesteps, int):
+            timesteps = torch.full((batch_size,), timesteps, dtype=torch.long, device=device)
+        if timesteps.is_floating_point() or timesteps.shape not in ((batch_size,), ()):
+            raise ValueError(
+                f"`timesteps` has shape {tuple(timesteps.shape)} and dtype {timesteps.dtype}, expected integers "
+                f"of shape ({batch_size},) in [0, {config.num_timesteps})."
+            )
+        timesteps = timesteps.to(device=device, dtype=torch.long).expand(batch_size)
+        if _value_checks_enabled() and ((timesteps < 0) | (timesteps >= config.num_timesteps)).any():
+            raise ValueError(
+                f"`timesteps` = {timesteps.tolist()} out of range: expected integers in [0, {config.num_timesteps})."
+            )
+        return timesteps
+
+    def add_latent_noise(self, pixel_values, timesteps, noise=None, generator=None):
+        """x_t = mu + V^T (V (x - mu) + sigma_t * eps), in fp32 with autocast off. Returns (x_t as patches, x0 patches)."""
+        config = self.config
+        with torch.autocast(device_type=pixel_values.device.type, enabled=False):
+            clean = patchify(pixel_values.float(), config.patch_size)
+            batch, num_patches, _ = clean.shape
+            expected = (batch, num_patches, config.pca_dim)
+            if noise is None:
+                noise = torch.randn(expected, generator=generator, device=clean.device, dtype=torch.float32)
+            elif tuple(noise.shape) != expected:
+                raise ValueError(
+                    f"`noise` has shape {tuple(noise.shape)}, expected (batch, num_patches, pca_dim) = {expected}."
+                )
+            sigma = timestep_to_sigma(timesteps, config)[:, None, None]
+            noisy = self.pca.decode(self.pca.encode(clean) + sigma * noise.float())
+        return noisy, clean
+
+    def feature_input(self, pixel_values, timesteps, noise=None):
+        """What the encoder sees for features: clean image, its PCA projection, or latent-noised at t."""
+        mode = self.config.feature_input
+        if mode == "clean":
+            return pixel_values
+        self.pca.require_fitted(f"feature_input={mode!r}")
+        if mode == "pca":
+            with torch.autocast(device_type=pixel_values.device.type, enabled=False):
+                projected = self.pca.decode(self.pca.encode(patchify(pixel_values.float(), self.config.patch_size)))
+        else:
+            # Fixed-seed noise in eval mode keeps features deterministic (fresh noise while training).
+            generator = None
+            if not self.training and noise is None:
+                generator = torch.Generator(device=pixel_values.device).manual_seed(0)
+            projected, _ = self.add_latent_noise(pixel_values, timesteps, noise, generator)
+        return unpatchify(projected, self.config.patch_size, *pixel_values.shape[-2:]).to(pixel_values.dtype)
+
+    # -- blocks ---------------------------------------------------------------------------------------------------
+
+    def conditioning(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        return None if self.time_embedder is None else self.time_embedder(timesteps)
+
+    def run_blocks(self, hidden_states, conditioning, blocks, output_attentions=False, output_hidden_states=False):
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for block in blocks:
+            hidden_states, weights = block(hidden_states, conditioning, output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (weights,)
+        return hidden_states, all_hidden_states, all_attentions
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        timesteps: torch.Tensor | int | None = None,
+        noise: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): images in [-1, 1].
+        timesteps (`int` or `torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            t to condition the encoder on; defaults to `config.feature_timestep` (10).
+        noise (`torch.FloatTensor` of shape `(batch_size, num_patches, pca_dim)`, *optional*):
+            latent noise for `feature_input="noisy"` (otherwise sampled; fixed seed in eval mode).
+
+        Returns `last_hidden_state` (the encoder output, no extra norm) and `pooler_output` (its mean over patches).
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        timesteps = self.resolve_timesteps(timesteps, pixel_values.shape[0], pixel_values.device)
+        inputs = self.feature_input(pixel_values, timesteps, noise)
+        hidden_states = self.embeddings(inputs.to(self.embeddings.patch_embeddings.weight.dtype))
+        hidden_states, all_hidden_states, all_attentions = self.run_blocks(
+            hidden_states, self.conditioning(timesteps), self.blocks[: self.config.num_hidden_layers],
+            output_attentions, output_hidden_states,
+        )
+        pooled = hidden_states.mean(dim=1)
+        if not return_dict:
+            return tuple(v for v in (hidden_states, pooled, all_hidden_states, all_attentions) if v is not None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden_states,
+            pooler_output=pooled,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+    @torch.no_grad()
+    def merge_time_conditioning(self, timestep: int | None = None) -> "LDAEModel":
+        """Fold the adaLN constants of a fixed t (default `feature_timestep`) into plain LayerNorm affines and the
+        attention-output / fc2 weights: exactly the same outputs, now a plain pre-norm ViT (ViT parameter counts).
+        The config records it (`time_conditioning_merged`, `merged_timestep`), so it saves and loads as such."""
+        config = self.config
+        if config.time_conditioning_merged:
+            raise ValueError(f"The time conditioning is already merged (at t = {config.merged_timestep}).")
+        if len(self.blocks) > config.num_hidden_layers:
+            raise ValueError("merge_time_conditioning() applies to the encoder; this model also holds the decoder "
+                             "(LDAEForPreTraining). Load the checkpoint with LDAEModel or a classifier first.")
+        timestep = config.feature_timestep if timestep is None else timestep
+        device = self.embeddings.patch_embeddings.weight.device
+        conditioning = self.time_embedder(self.resolve_timesteps(timestep, 1, device)).float()[0]
+        for block in self.blocks:
+            block.merge_time_conditioning(conditioning, config.layer_norm_eps)
+        self.time_embedder = None
+        config.time_conditioning_merged = True
+        config.merged_timestep = timestep
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Heads
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LDAEForPreTraining(LDAEPreTrainedModel):
+    """l-DAE pre-training: denoise images whose noise was added in the PCA latent; predict the clean image."""
+
+    def __init__(self, config: LDAEConfig):
+        super().__init__(config)
+        if config.time_conditioning_merged:
+            raise ValueError("LDAEForPreTraining needs time conditioning, but this config was merged at a fixed t.")
+        self.ldae = LDAEModel(config, add_decoder=True)
+        self.final_layer = LDAEFinalLayer(config)
+        self.post_init()
+
+    def sample_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        config = self.config
+        if config.single_noise_level is not None:
+            # Single-level ablation: the schedule step nearest to the requested sigma.
+            step = round(config.single_noise_level / config.sigma_max * (config.num_timesteps - 1))
+            return torch.full((batch_size,), min(step, config.num_timesteps - 1), dtype=torch.long, device=device)
+        return torch.randint(0, config.num_timesteps, (batch_size,), device=device)
+
+    def loss(self, clean: torch.Tensor, predicted: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Eq. 4 per patch: lambda_t (|V e|^2 + w_res |e - V^T V e|^2), e = x0 - prediction, lambda_t = 1/(1+sigma^2);
+        the mean over patches and batch. Computed in fp32."""
+        pca = self.ldae.pca
+        with torch.autocast(device_type=clean.device.type, enabled=False):
+            error = clean - predicted.float()
+            latent_error = error @ pca.components[: pca.pca_dim].T
+            residual = error - latent_error @ pca.components[: pca.pca_dim]
+            per_patch = latent_error.square().sum(-1) + self.config.residual_loss_weight * residual.square().sum(-1)
+            weight = 1.0 / (1.0 + timestep_to_sigma(timesteps, self.config).square())
+            return (weight[:, None] * per_patch).mean()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        timesteps: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> LDAEForPreTrainingOutput | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): clean images in [-1, 1].
+        timesteps (`torch.LongTensor` of shape `(batch_size,)`, *optional*): t in [0, T); sampled uniformly if None.
+        noise (`torch.FloatTensor` of shape `(batch_size, num_patches, pca_dim)`, *optional*): the latent noise eps;
+            sampled if None. Given both `timesteps` and `noise`, the forward pass is deterministic.
+        """
+        config = self.config
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        backbone = self.ldae
+        backbone.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        backbone.pca.require_fitted("Pre-training")
+        batch_size, device = pixel_values.shape[0], pixel_values.device
+        if timesteps is None:
+            timesteps = self.sample_timesteps(batch_size, device)
+        timesteps = backbone.resolve_timesteps(timesteps, batch_size, device)
+
+        noisy, clean = backbone.add_latent_noise(pixel_values, timesteps, noise)
+        noisy_pixel_values = unpatchify(noisy, config.patch_size, *pixel_values.shape[-2:])
+        conditioning = backbone.conditioning(timesteps)
+        hidden_states = backbone.embeddings(noisy_pixel_values.to(backbone.embeddings.patch_embeddings.weight.dtype))
+        hidden_states, all_hidden_states, all_attentions = backbone.run_blocks(
+            hidden_states, conditioning, backbone.blocks, output_attentions, output_hidden_states
+        )
+        logits = self.final_layer(hidden_states, conditioning)
+        loss = self.loss(clean, logits, timesteps)
+        if not return_dict:
+            output = (logits, noisy_pixel_values, timesteps, all_hidden_states, all_attentions)
+            return (loss,) + tuple(v for v in output if v is not None)
+        return LDAEForPreTrainingOutput(
+            loss=loss,
+            logits=logits,
+            noisy_pixel_values=noisy_pixel_values,
+            timesteps=timesteps,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+
+class LDAEForImageClassification(LDAEPreTrainedModel):
+    """Average-pooled encoder features + a head: `linear_probe` (BatchNorm without affine + Linear, MAE's probe) or
+    `fine_tune` (LayerNorm + Linear), per `config.classifier_head`."""
+
+    def __init__(self, config: LDAEConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.ldae = LDAEModel(config)
+        if config.classifier_head == "linear_probe":
+            self.fc_norm = nn.BatchNorm1d(config.hidden_size, affine=False, eps=1e-6)
+        else:
+            self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm-style layer groups (stem, blocks, head) for `timm.optim.param_groups_layer_decay`."""
+        return {"stem": r"^ldae\.(pca|embeddings|time_embedder)", "blocks": [(r"^ldae\.blocks\.(\d+)", None)]}
+
+    def merge_time_conditioning(self, timestep: int | None = None) -> "LDAEForImageClassification":
+        """See `LDAEModel.merge_time_conditioning`; the fine-tuning form of the model."""
+        self.ldae.merge_time_conditioning(timestep)
+        return self
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        timesteps: torch.Tensor | int | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids; the loss uses
+            `self.loss_function` (cross-entropy for single-label problems).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.ldae(
+            pixel_values,
+            timesteps=timesteps,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        logits = self.classifier(self.fc_norm(outputs.pooler_output))
+        loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
+        if not return_dict:
+            output = tuple(v for v in (logits, outputs.hidden_states, outputs.attentions) if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+__all__ = [
+    "LDAEForImageClassification",
+    "LDAEForPreTraining",
+    "LDAEForPreTrainingOutput",
+    "LDAEModel",
+    "LDAEPreTrainedModel",
+    "patchify",
+    "unpatchify",
+    "timestep_to_sigma",
+]
