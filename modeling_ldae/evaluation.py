@@ -1,6 +1,7 @@
 """Trainer hooks for top-1 / top-5 accuracy, backed by the local `topk_accuracy` evaluate metric.
 
-Usage: `Trainer(..., compute_metrics=compute_topk_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics)`.
+Usage: `Trainer(..., compute_metrics=compute_topk_metrics,
+               preprocess_logits_for_metrics=preprocess_logits_for_metrics)`.
 """
 
 import functools
@@ -23,7 +24,9 @@ def load_topk_accuracy() -> evaluate.Metric:
     return evaluate.load(str(TOPK_ACCURACY_PATH), keep_in_memory=True)
 
 
-def preprocess_logits_for_metrics(logits: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+def preprocess_logits_for_metrics(
+    logits: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor
+) -> torch.Tensor:
     """Reduce logits to the top-5 class indices on device, so only (B, 5) integers are gathered and kept."""
     if isinstance(logits, tuple):  # the model returned extra outputs (hidden states, attentions)
         logits = logits[0]

@@ -17,7 +17,7 @@ def _no_weight_decay_names(model: nn.Module) -> set[str]:
 
 
 def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: `weight_decay` on >= 2-D weights, none on 1-D params (norms, biases) or `model.no_weight_decay()`."""
+    """AdamW groups: `weight_decay` on >= 2-D weights, none on 1-D params (norms, biases) or `no_weight_decay()`."""
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=_no_weight_decay_names(model))
 
 
@@ -30,7 +30,7 @@ def layer_decay_param_groups(
     group of a dict matcher into a float, so only block indices may be captured: write the stem as
     `^ldae\\.(?:embeddings|time_embedder)`, not with `(...)`.
     Each group's `lr` is already scaled (and overrides the optimizer's default `lr`) because only timm schedulers
-    apply timm's `lr_scale`, kept for logging. Give the optimizer to the Trainer via `optimizers=(optimizer, scheduler)`.
+    apply timm's `lr_scale`, kept for logging. Hand the optimizer to the Trainer as `optimizers=(optimizer, scheduler)`.
     """
     if not hasattr(model, "group_matcher"):
         # timm would fall back to grouping parameters 12 at a time, silently unrelated to the blocks
@@ -55,8 +55,8 @@ def build_lars(
     without weight decay on 1-D params (biases, norms). Frozen params (`requires_grad=False`) are left out.
 
     timm's `Lars` reads `always_adapt` and `weight_decay` per param group, so two groups express the split.
-    Its trust ratio is `trust_coeff * |w| / (|g| + weight_decay * |w|)`, MAE's `trust_coeff * |w| / |g + weight_decay * w|`:
-    identical at the probe's zero weight decay.
+    Its trust ratio is `trust_coeff * |w| / (|g| + weight_decay * |w|)`, MAE's
+    `trust_coeff * |w| / |g + weight_decay * w|`: identical at the probe's zero weight decay.
     """
     params = params_or_model.parameters() if isinstance(params_or_model, nn.Module) else params_or_model
     params = [p for p in params if p.requires_grad]

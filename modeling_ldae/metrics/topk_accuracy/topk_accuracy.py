@@ -9,7 +9,8 @@ import datasets
 import evaluate
 import numpy as np
 
-_DESCRIPTION = """Fraction of examples whose label is the first predicted class (top1) or among the first five (top5)."""
+_DESCRIPTION = """Fraction of examples whose label is the first predicted class (top1) or among the first five (top5).
+"""
 
 _KWARGS_DESCRIPTION = """
 Args:
