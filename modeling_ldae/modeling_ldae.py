@@ -65,11 +65,14 @@ class LDAEPatchPCA(nn.Module):
         self.register_buffer("eigenvalues", torch.zeros(dim, dtype=torch.float32))
 
     def _apply(self, fn, *args, **kwargs):
-        # `model.to(torch.bfloat16)` casts every floating buffer; bring the tokenizer back to fp32.
+        # `model.to(torch.bfloat16)` casts every floating buffer; rounding the basis would already lose the small
+        # noise levels, so keep the originals and apply only the device move.
+        originals = dict(self._buffers)
         super()._apply(fn, *args, **kwargs)
-        for name, buffer in self._buffers.items():
-            if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float32:
-                self._buffers[name] = buffer.float()
+        for name, original in originals.items():
+            moved = self._buffers[name]
+            if original is not None and moved.dtype != original.dtype:
+                self._buffers[name] = original.to(device=moved.device)
         return self
 
     @property
@@ -364,6 +367,17 @@ class LDAEPreTrainedModel(PreTrainedModel):
         """Install a fitted PCA tokenizer (from `fit_patch_pca`): mean (D,), components (D, D) as orthonormal rows
         sorted by the descending eigenvalues (D,). May be called again to replace it."""
         self.base_model.pca.set(mean, components, eigenvalues)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # `register_for_auto_class` writes `auto_map` for the saved class only; name every head so any Auto class
+        # loads the checkpoint with `trust_remote_code=True`.
+        self.config.auto_map = {
+            "AutoConfig": "configuration_ldae.LDAEConfig",
+            "AutoModel": "modeling_ldae.LDAEModel",
+            "AutoModelForPreTraining": "modeling_ldae.LDAEForPreTraining",
+            "AutoModelForImageClassification": "modeling_ldae.LDAEForImageClassification",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -675,7 +689,7 @@ class LDAEForImageClassification(LDAEPreTrainedModel):
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm-style layer groups (stem, blocks, head) for `timm.optim.param_groups_layer_decay`."""
-        return {"stem": r"^ldae\.(pca|embeddings|time_embedder)", "blocks": [(r"^ldae\.blocks\.(\d+)", None)]}
+        return {"stem": r"^ldae\.(?:pca|embeddings|time_embedder)", "blocks": [(r"^ldae\.blocks\.(\d+)", None)]}
 
     def merge_time_conditioning(self, timestep: int | None = None) -> "LDAEForImageClassification":
         """See `LDAEModel.merge_time_conditioning`; the fine-tuning form of the model."""

@@ -22,3 +22,42 @@ def cifar10_dir() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def read_cifar10_images(cifar10_dir: Path, split: str = "train", count: int = 256, offset: int = 0):
+    """`count` real CIFAR-10 images as a float tensor in [-1, 1] (N, 3, 32, 32) and their labels."""
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+    from PIL import Image
+
+    table = pq.read_table(cifar10_dir / f"{split}-00000-of-00001.parquet").slice(offset, count).to_pylist()
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(row["img"]["bytes"])).convert("RGB")) for row in table])
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return images, torch.tensor([row["label"] for row in table])
+
+
+@pytest.fixture(scope="session")
+def cifar10_train_images(cifar10_dir):
+    return read_cifar10_images(cifar10_dir, "train", 512)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, cifar10_train_images) -> Path:
+    """An `ldae-tiny` pre-training checkpoint (random blocks, PCA fitted on 512 real images) + image processor.
+    Read-only for tests: copy it before changing it."""
+    import torch
+
+    from modeling_ldae import LDAEConfig, LDAEForPreTraining, fit_patch_pca
+    from modeling_ldae.data import make_image_processor
+
+    torch.manual_seed(0)
+    config = LDAEConfig.from_preset("ldae-tiny")
+    model = LDAEForPreTraining(config)
+    model.set_pca(*fit_patch_pca(cifar10_train_images[0].split(128), config.patch_size))
+    path = tmp_path_factory.mktemp("tiny_checkpoint")
+    model.save_pretrained(path)
+    make_image_processor(config.image_size).save_pretrained(path)
+    return path
