@@ -223,7 +223,8 @@ class LDAEAttention(nn.Module):
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    # One fused op instead of a multiply and an add over every token (measurable on CPU).
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
 class LDAEBlock(GradientCheckpointingLayer):
@@ -251,9 +252,10 @@ class LDAEBlock(GradientCheckpointingLayer):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(conditioning).chunk(6, -1)
         attention_output, weights = self.attention(modulate(self.norm1(hidden_states), shift_msa, scale_msa),
                                                    output_attentions)
-        hidden_states = hidden_states + self.drop_path(gate_msa.unsqueeze(1) * attention_output)
+        # The per-sample drop-path mask commutes with the gate, so the gated residual is one fused addcmul.
+        hidden_states = torch.addcmul(hidden_states, gate_msa.unsqueeze(1), self.drop_path(attention_output))
         mlp_output = self.mlp(modulate(self.norm2(hidden_states), shift_mlp, scale_mlp))
-        return hidden_states + self.drop_path(gate_mlp.unsqueeze(1) * mlp_output), weights
+        return torch.addcmul(hidden_states, gate_mlp.unsqueeze(1), self.drop_path(mlp_output)), weights
 
     @torch.no_grad()
     def merge_time_conditioning(self, conditioning: torch.Tensor, layer_norm_eps: float):
@@ -610,16 +612,17 @@ class LDAEForPreTraining(LDAEPreTrainedModel):
         return torch.randint(0, config.num_timesteps, (batch_size,), device=device)
 
     def loss(self, clean: torch.Tensor, predicted: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Eq. 4 per patch: lambda_t (|V e|^2 + w_res |e - V^T V e|^2), e = x0 - prediction, lambda_t = 1/(1+sigma^2);
-        the mean over patches and batch. Computed in fp32."""
-        pca = self.ldae.pca
+        """Eq. 4 per patch: lambda_t sum_i w_i r_i^2 with r = V_full e, e = x0 - prediction, w_i = 1 for the top d
+        components and `residual_loss_weight` for the rest, lambda_t = 1 / (1 + sigma_t^2); mean over patches and
+        batch, in fp32. As V_full is orthonormal, sum_i w_i r_i^2 = w |e|^2 + (1 - w) |V e|^2: one d-wide projection
+        instead of a D x D one."""
+        pca, weight = self.ldae.pca, self.config.residual_loss_weight
         with torch.autocast(device_type=clean.device.type, enabled=False):
             error = clean - predicted.float()
             latent_error = error @ pca.components[: pca.pca_dim].T
-            residual = error - latent_error @ pca.components[: pca.pca_dim]
-            per_patch = latent_error.square().sum(-1) + self.config.residual_loss_weight * residual.square().sum(-1)
-            weight = 1.0 / (1.0 + timestep_to_sigma(timesteps, self.config).square())
-            return (weight[:, None] * per_patch).mean()
+            per_patch = weight * error.square().sum(-1) + (1 - weight) * latent_error.square().sum(-1)
+            noise_weight = 1.0 / (1.0 + timestep_to_sigma(timesteps, self.config).square())
+            return (noise_weight[:, None] * per_patch).mean()
 
     def forward(
         self,
