@@ -117,8 +117,12 @@ def test_pca_accumulators_sum_across_processes_and_subsample(cifar10_train_image
     second.update(images[64:])
     others = iter((second.count, second.sum, second.outer))
     first.reduce(lambda tensor: tensor + next(others))
-    for a, b in zip(first.finalize(), whole):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    mean, components, eigenvalues = first.finalize()
+    torch.testing.assert_close(mean, whole[0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(eigenvalues, whole[2], atol=1e-12, rtol=0)
+    # Eigenvectors of near-equal small eigenvalues may rotate within their subspace: compare the covariance they give.
+    torch.testing.assert_close(components.T @ torch.diag(eigenvalues) @ components,
+                               whole[1].T @ torch.diag(whole[2]) @ whole[1], atol=1e-12, rtol=0)
     sampled = PatchPCAAccumulator(8)
     sampled.update(images, num_patches_per_image=3, generator=torch.Generator().manual_seed(0))
     assert int(sampled.count) == 128 * 3
