@@ -335,6 +335,12 @@ class LDAEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm1d):
+            # The probe head's running statistics: a pre-training checkpoint lacks them, and from_pretrained would
+            # leave them as uninitialised memory.
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
         elif isinstance(module, LDAEEmbeddings):
             # DiT: xavier-uniform of the projection seen as a (hidden, C * p * p) matrix. Bound computed here because
             # init on a view would bypass the loaded-tensor guard of `transformers.initialization`.
