@@ -2,9 +2,8 @@
 `ldae-method.md` section 7). `run_linear_probe.py` and `run_finetune.py` are thin command lines over this module.
 
 Data flow: `load_classification_data` (raw rows: undecoded image + class id, checked) -> the Trainer splits the rows
-between processes -> `ImageCollator` decodes and transforms only this process's rows -> the model. Decoding in the
-collator, not in a `datasets` map, is what keeps each process decoding only its own share of a stream: a map runs
-before the Trainer's per-process split whenever a stream has fewer shards than processes.
+between processes -> `data.DecodingCollator` decodes and transforms only this process's rows -> the model (see
+`data.py` for why decoding waits for the collator).
 
 Bad input (labels, checkpoint, PCA, class count, empty split) raises `InputError` before training starts; the scripts
 print it as one line.
@@ -28,7 +27,6 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file
 from timm.data import Mixup
-from timm.data.auto_augment import RandAugment
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -45,10 +43,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from . import hub
 from .configuration_ldae import FEATURE_INPUTS
-from .data import (  # _folder_builder_kwargs: data.py has no public way to list a folder's splits
-    _folder_builder_kwargs,
-    collate_images,
-    decode_image,
+from .data import (
+    IGNORED_LABEL,
+    DecodingCollator,
+    available_splits,
     eval_transform,
     finetune_train_transform,
     find_image_column,
@@ -57,6 +55,7 @@ from .data import (  # _folder_builder_kwargs: data.py has no public way to list
     make_image_processor,
     num_decode_failures,
     probe_train_transform,
+    undecoded_columns,
 )
 from .evaluation import compute_topk_metrics, preprocess_logits_for_metrics
 from .modeling_ldae import LDAEForImageClassification
@@ -69,9 +68,7 @@ EVAL_SPLIT_CANDIDATES = ("validation", "val", "valid", "test")
 # Paper / MAE layer-wise lr decay by (width, encoder depth): ViT-B, ViT-1/2L (project choice), ViT-L.
 LAYER_DECAY = {(768, 12): 0.85, (1024, 12): 0.75, (1024, 24): 0.65}
 DEFAULT_LAYER_DECAY = 0.75
-RAND_AUGMENT_MAX_MAGNITUDE = 9.99
 EMA_FOLDER = "ema"
-IGNORED_LABEL = -100  # the label losses ignore; marks evaluation images that failed to decode
 PREDICTIONS_FILE = "eval_predictions.jsonl"
 CARD_RESULTS = ("top1", "top5", "_samples", "protocol", "probe_mode", "model_ema")
 
@@ -265,16 +262,6 @@ def _source(data_args: DataTrainingArguments, directory: str | None = None) -> d
             "train_dir": data_args.train_dir}
 
 
-def _split_names(source: dict[str, Any], token, cache_dir) -> list[str]:
-    if source.get("train_dir") is None:
-        return datasets.get_dataset_split_names(
-            source["dataset_name"], source["dataset_config_name"], token=token, cache_dir=cache_dir
-        )
-    # A folder's split names come from its file and folder names, as `load_image_dataset` infers them.
-    builder = datasets.load_dataset_builder(**_folder_builder_kwargs(Path(source["train_dir"]).expanduser()))
-    return [str(name) for name in builder.config.data_files]
-
-
 def _pick_eval_split(available: list[str], requested: str | None) -> str | None:
     if requested is not None:
         return requested
@@ -366,7 +353,7 @@ def load_classification_data(
         train = eval_ = None
         if training_args.do_eval:
             eval_source = _source(data_args, data_args.validation_dir) if data_args.validation_dir else source
-            available = _split_names(eval_source, model_args.token, model_args.cache_dir)
+            available = available_splits(**eval_source, token=model_args.token, cache_dir=model_args.cache_dir)
             eval_split = _pick_eval_split(available, data_args.eval_split_name)
             if eval_split is None and data_args.validation_dir:
                 eval_split = available[0] if len(available) == 1 else None
@@ -413,7 +400,8 @@ def load_classification_data(
             if dataset is not None:
                 _check_labels(dataset, label_column, len(class_names), what)
 
-    train, eval_ = _raw_rows(train, image_column, label_column), _raw_rows(eval_, image_column, label_column)
+    train, eval_ = (None if dataset is None else undecoded_columns(dataset, image_column, label_column)
+                    for dataset in (train, eval_))
     num_train = num_eval = None
     if train is not None:
         num_train = _num_examples(train, data_args.train_split_name, data_args.max_train_samples, exact=False)
@@ -435,15 +423,6 @@ def _subsample(dataset: AnyDataset | None, count: int | None, seed: int | None) 
     if len(subset) == 0:
         raise InputError("--max_train_samples / --max_eval_samples of 0 leaves an empty split.")
     return subset
-
-
-def _raw_rows(dataset: AnyDataset | None, image_column: str, label_column: str) -> AnyDataset | None:
-    if dataset is None:
-        return None
-    dataset = dataset.select_columns([image_column, label_column])
-    if isinstance(dataset.features[image_column], datasets.Image):
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    return dataset
 
 
 def _num_examples(dataset: AnyDataset, split: str, limit: int | None, exact: bool) -> int | None:
@@ -468,46 +447,23 @@ def _even(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: torch.cat([value, value[:1]]) for key, value in batch.items()}
 
 
-@dataclass
-class ImageCollator:
-    """Decode and transform raw rows into a batch. Images that fail to decode are counted (`num_decode_failures`)
-    and, in training, dropped; in evaluation they stay as blank images labelled `IGNORED_LABEL`, because processes
-    gather equal-sized batches, and the metrics leave them out."""
-
-    transform: Callable
-    image_column: str
-    label_column: str
-    training: bool = False
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        examples = []
-        for row in rows:
-            image = decode_image(row[self.image_column])
-            pixel_values = None if image is None else self.transform(image)
-            examples.append({"pixel_values": pixel_values, "labels": row[self.label_column]})
-        decoded = next((e["pixel_values"] for e in examples if e["pixel_values"] is not None), None)
-        if decoded is None:
-            raise RuntimeError(
-                f"All {len(rows)} images of a batch failed to decode ({num_decode_failures()} so far in this process): "
-                "check the data set."
-            )
-        if self.training:
-            return _even(collate_images(examples))
-        for example in examples:
-            if example["pixel_values"] is None:
-                example.update(pixel_values=torch.zeros_like(decoded), labels=IGNORED_LABEL)
-        return collate_images(examples)
+def image_collator(transform: Callable, data: ClassificationData, training: bool) -> Callable:
+    """The Trainer's collate function over `data.DecodingCollator`. Images that fail to decode are counted and, in
+    training, dropped; in evaluation they stay as blank images labelled `IGNORED_LABEL`, because processes gather
+    equal-sized batches, and the metrics leave them out."""
+    decoding = DecodingCollator(transform, data.image_column, data.label_column,
+                                failed_images="drop" if training else "blank")
+    return partial(_trainer_batch, decoding=decoding, training=training)
 
 
-def _finetune_train_transform(image_size: int, rand_augment: str, random_erasing: float) -> Callable:
-    transform = finetune_train_transform(image_size, rand_augment, random_erasing)
-    # timm's increasing posterize keeps 4 - int(0.4 m) bits: 0 at the clipped magnitude 10, which Pillow 13
-    # rejects (the run dies on ~0.3% of images). Capping magnitudes just below 10 keeps every op's strength.
-    for step in transform.transforms:
-        if isinstance(step, RandAugment):
-            for op in step.ops:
-                op.magnitude_max = RAND_AUGMENT_MAX_MAGNITUDE
-    return transform
+def _trainer_batch(rows: list[dict[str, Any]], decoding: DecodingCollator, training: bool) -> dict[str, torch.Tensor]:
+    batch = decoding(rows)
+    if batch is None:  # the Trainer cannot skip a batch
+        raise RuntimeError(
+            f"All {len(rows)} images of a batch failed to decode ({num_decode_failures()} so far in this process): "
+            "check the data set."
+        )
+    return _even(batch) if training else batch
 
 
 def _collate_features(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -764,7 +720,7 @@ def _finish(
     ema: ModelEmaCallback | None = None,
 ) -> dict[str, Any]:
     """Train (resuming), evaluate (the raw and the EMA weights, with EMA), save the model, predictions, metrics and
-    card; push. `trainer` trains; `model_trainer` holds the full classifier that is saved."""
+    card; push; end the process group. `trainer` trains; `model_trainer` holds the full classifier that is saved."""
     output_dir = Path(training_args.output_dir)
     metrics: dict[str, dict[str, Any]] = {}
     if training_args.do_train:
@@ -802,6 +758,9 @@ def _finish(
             if push:
                 hub.push_to_hub(output_dir, training_args.hub_model_id or output_dir.name,
                                 token=training_args.hub_token, private=training_args.hub_private_repo)
+    # What `Trainer.end()` does from transformers 5.18 on. Left to interpreter exit, a gloo worker thread still
+    # releasing the last collective's tensor aborts the process ("terminate called without an active exception").
+    trainer.accelerator.end_training()
     return results
 
 
@@ -839,7 +798,8 @@ def run_linear_probe(
     model_args: ModelArguments, data_args: DataTrainingArguments, training_args: LinearProbeTrainingArguments
 ) -> dict[str, Any]:
     """MAE's linear probe: frozen backbone in eval mode, BatchNorm (no affine) + Linear head, LARS; augmented images
-    or, with `cache_features`, features extracted once. Returns the metrics (also in `all_results.json`)."""
+    or, with `cache_features`, features extracted once. Returns the metrics (also in `all_results.json`); the
+    distributed process group is ended, as the run's last step."""
     setup_logging(training_args)
     push, training_args.push_to_hub = training_args.push_to_hub, False  # the Trainer would push every checkpoint
     data = load_classification_data(data_args, model_args, training_args)
@@ -848,7 +808,7 @@ def run_linear_probe(
     _set_schedule(training_args, data.num_train_examples, data_args.streaming)
     size = model.config.image_size
     processor = make_image_processor(size)
-    eval_collator = ImageCollator(eval_transform(size), data.image_column, data.label_column)
+    eval_collator = image_collator(eval_transform(size), data, training=False)
     lars = build_lars(model, lr=training_args.learning_rate, weight_decay=training_args.weight_decay,
                       momentum=training_args.lars_momentum, trust_coefficient=training_args.lars_trust_coefficient)
     mode = "cached_features" if training_args.cache_features else "augmented"
@@ -856,7 +816,7 @@ def run_linear_probe(
         model=model,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=ImageCollator(probe_train_transform(size), data.image_column, data.label_column, training=True),
+        data_collator=image_collator(probe_train_transform(size), data, training=True),
         eval_data_collator=eval_collator,
         optimizers=(lars, None),
         frozen_backbone=True,
@@ -897,7 +857,8 @@ def run_finetune(
     model_args: ModelArguments, data_args: DataTrainingArguments, training_args: FineTuneTrainingArguments
 ) -> dict[str, Any]:
     """MAE's end-to-end fine-tuning of the merged model: LayerNorm + Linear head, layer-wise lr decay, AdamW, drop
-    path, RandAugment, random erasing, MixUp/CutMix with soft-target cross-entropy, EMA (saved). Returns the metrics."""
+    path, RandAugment, random erasing, MixUp/CutMix with soft-target cross-entropy, EMA (saved). Returns the metrics;
+    the distributed process group is ended, as the run's last step."""
     setup_logging(training_args)
     push, training_args.push_to_hub = training_args.push_to_hub, False  # the Trainer would push every checkpoint
     data = load_classification_data(data_args, model_args, training_args)
@@ -922,11 +883,11 @@ def run_finetune(
         model=model,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=ImageCollator(
-            _finetune_train_transform(size, training_args.rand_augment, training_args.random_erasing),
-            data.image_column, data.label_column, training=True,
+        data_collator=image_collator(
+            finetune_train_transform(size, training_args.rand_augment, training_args.random_erasing), data,
+            training=True,
         ),
-        eval_data_collator=ImageCollator(eval_transform(size), data.image_column, data.label_column),
+        eval_data_collator=image_collator(eval_transform(size), data, training=False),
         optimizers=(optimizer, None),
         # Without MixUp/CutMix the Trainer's own label smoothing applies to class ids.
         compute_loss_func=soft_target_cross_entropy if mixup is not None else None,

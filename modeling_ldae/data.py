@@ -1,13 +1,13 @@
 """Image data sets, decoding and transforms shared by the pre-training, linear-probe and fine-tune scripts.
 
-Pipeline: `load_image_dataset` -> `find_image_column` / `find_label_column` -> `prepare_dataset(dataset,
-<one of the *_transform functions>, ...)` -> `torch.utils.data.DataLoader(..., collate_fn=collate_images)`.
+Pipeline: `load_image_dataset` -> `find_image_column` / `find_label_column` -> `undecoded_columns` (raw rows, images
+still encoded) -> the data split between processes (Accelerate, the Trainer) -> `torch.utils.data.DataLoader(...,
+collate_fn=DecodingCollator(<one of the *_transform functions>, ...))`.
 
-Images are decoded here rather than by `datasets`, so that one corrupt file costs one example, not the run:
-a failure yields `pixel_values=None`, is counted (`num_decode_failures()`), logged, and dropped by
-`collate_images`. `collate_images` returns `None` for a batch in which every image failed; training loops must
-skip `None` batches (the transformers Trainer cannot: keep its batches large enough for that never to happen).
-The failure count is per process (each rank counts its own).
+Images are decoded in the collate function, not in a `datasets` map: a map runs before the per-process split whenever
+a stream has fewer shards than processes, so every process would decode everything. Decoding here rather than by
+`datasets` also means one corrupt file costs one example, not the run: a failure is counted
+(`num_decode_failures()`, per process), logged, and dropped or blanked by `DecodingCollator`.
 
 All transforms map a PIL image to a float32 CHW tensor normalised with mean 0.5 / std 0.5 (values in [-1, 1]
 except where random erasing adds Gaussian noise), resampling bicubic with antialiasing.
@@ -22,15 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import datasets
-import numpy as np
 import PIL.Image
 import timm.data
 import torch
 from datasets.data_files import DataFilesDict, get_data_patterns
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+from timm.data.auto_augment import RandAugment
 from torchvision.transforms import v2
 from transformers import ConvNextImageProcessor
 from transformers.image_utils import PILImageResampling
@@ -46,6 +46,10 @@ NORMALIZE_MEAN = (0.5, 0.5, 0.5)
 NORMALIZE_STD = (0.5, 0.5, 0.5)
 # ConvNextImageProcessor crops only below this size; from it on it warps to (size, size).
 CONVNEXT_CROP_BELOW = 384
+IGNORED_LABEL = -100  # the label losses ignore; marks the blank stand-in for an image that failed to decode
+# timm's increasing posterize keeps 4 - int(0.4 m) bits: 0 at the clipped magnitude 10, which Pillow 13 rejects (a
+# fine-tune run died on ~0.3% of images). Capping magnitudes just below 10 keeps every op's strength.
+RAND_AUGMENT_MAX_MAGNITUDE = 9.99
 
 _SHARD_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 _BICUBIC = v2.InterpolationMode.BICUBIC
@@ -76,6 +80,33 @@ def load_image_dataset(
     split names are inferred from folder / file names (`train/`, `val/`, `test-00000.parquet`, ...), and a
     folder without them is one `train` split. `split` accepts the `datasets` slicing syntax for map-style sets.
     """
+    builder = _builder(dataset_name, dataset_config_name, train_dir, token, cache_dir)
+    # datasets words this error differently for map-style and streaming sets, and only after preparing every split.
+    available = _available_splits(builder)
+    missing = [name for name in _split_names(split) if available and name not in available]
+    if missing:
+        raise ValueError(
+            f"Split {missing[0]!r} not found in {train_dir if train_dir is not None else dataset_name}; available "
+            f"splits: {', '.join(available)}. Pass one of these as split."
+        )
+    if streaming:
+        return builder.as_streaming_dataset(split=split)
+    builder.download_and_prepare()
+    return builder.as_dataset(split=split)
+
+
+def available_splits(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_dir: str | Path | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
+) -> list[str]:
+    """The split names `load_image_dataset` accepts for this source (same arguments); empty if it lists none."""
+    return _available_splits(_builder(dataset_name, dataset_config_name, train_dir, token, cache_dir))
+
+
+def _builder(dataset_name, dataset_config_name, train_dir, token, cache_dir) -> datasets.DatasetBuilder:
     if (dataset_name is None) == (train_dir is None):
         raise ValueError(
             "Pass exactly one of dataset_name (a Hub id or a local data set folder) and train_dir "
@@ -84,26 +115,16 @@ def load_image_dataset(
         )
     if train_dir is not None:
         builder_kwargs = _folder_builder_kwargs(Path(train_dir).expanduser())
-        source = str(train_dir)
     else:
         if dataset_name.startswith(("/", ".", "~")) and not Path(dataset_name).expanduser().is_dir():
             raise ValueError(f"dataset_name {dataset_name!r} looks like a local path but is not a folder: fix it.")
         builder_kwargs = {"path": dataset_name, "name": dataset_config_name}
-        source = dataset_name
-    builder = datasets.load_dataset_builder(**builder_kwargs, token=token, cache_dir=cache_dir)
+    return datasets.load_dataset_builder(**builder_kwargs, token=token, cache_dir=cache_dir)
 
-    # datasets words this error differently for map-style and streaming sets, and only after preparing every split.
-    available = [str(name) for name in (builder.config.data_files or builder.info.splits or {})]
-    missing = [name for name in _split_names(split) if available and name not in available]
-    if missing:
-        raise ValueError(
-            f"Split {missing[0]!r} not found in {source}; available splits: {', '.join(available)}. "
-            "Pass one of these as split."
-        )
-    if streaming:
-        return builder.as_streaming_dataset(split=split)
-    builder.download_and_prepare()
-    return builder.as_dataset(split=split)
+
+def _available_splits(builder: datasets.DatasetBuilder) -> list[str]:
+    # Split names come from file and folder names (data_files), else from the data set's recorded info.
+    return [str(name) for name in (builder.config.data_files or builder.info.splits or {})]
 
 
 def _split_names(split: str) -> list[str]:
@@ -266,8 +287,10 @@ def probe_train_transform(image_size: int, scale: tuple[float, float] = (0.08, 1
 def finetune_train_transform(
     image_size: int, rand_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25
 ) -> Transform:
-    """MAE fine-tune augmentation (timm): random resized crop, flip, RandAugment, random erasing (pixel mode)."""
-    return timm.data.create_transform(
+    """MAE fine-tune augmentation (timm): random resized crop, flip, RandAugment, random erasing (pixel mode).
+
+    RandAugment magnitudes are capped at `RAND_AUGMENT_MAX_MAGNITUDE`, so that posterize never asks for 0 bits."""
+    transform = timm.data.create_transform(
         input_size=image_size,
         is_training=True,
         auto_augment=rand_augment,
@@ -278,41 +301,78 @@ def finetune_train_transform(
         mean=NORMALIZE_MEAN,
         std=NORMALIZE_STD,
     )
+    for step in transform.transforms:
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                # timm clips magnitudes to magnitude_max, or to 10 where that is None (as `or` reads it).
+                op.magnitude_max = min(op.magnitude_max or 10, RAND_AUGMENT_MAX_MAGNITUDE)
+    return transform
 
 
-# ---------------------------------------------------------------------------------------------------- examples
+# ---------------------------------------------------------------------------------------------------- batches
+
+
+def undecoded_columns(
+    dataset: AnyDataset, image_column: str, label_column: str | None = None, id_column: str | None = None
+) -> AnyDataset:
+    """Only the columns a `DecodingCollator` with the same column names reads, the images left encoded
+    (`{"bytes", "path"}`) for it to decode. ValueError if the label column's type is not integer class ids."""
+    if label_column is not None:
+        _check_label_feature(dataset, label_column)
+    columns = [column for column in (image_column, label_column, id_column) if column is not None]
+    dataset = dataset.select_columns(list(dict.fromkeys(columns)))
+    if isinstance((dataset.features or {}).get(image_column), datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    return dataset
 
 
 @dataclass(frozen=True)
-class _ExamplePreparer:
-    """Turns raw rows into model examples; a picklable class so DataLoader workers can be spawned."""
+class DecodingCollator:
+    """The DataLoader's `collate_fn`: decode, transform and stack rows of `undecoded_columns` into a batch
+    `{"pixel_values", "labels", "example_ids"}` (the last two where their columns are named).
+
+    Run after the data is split between processes, it decodes each image once, in the process that uses it. An image
+    that fails to decode is counted (`num_decode_failures`) and, with `failed_images="drop"`, left out; with
+    `"blank"` it stays, as zeros labelled `IGNORED_LABEL`, for loops whose processes gather equal-sized batches.
+    Returns None when every image of the batch failed: the loop must skip the batch. A label that is not a class
+    id >= 0 raises ValueError. A dataclass, so that DataLoader workers can be spawned (it pickles).
+    """
 
     transform: Transform
     image_column: str
-    label_column: str | None
-    index_column: str | None
+    label_column: str | None = None
+    id_column: str | None = None
+    failed_images: Literal["drop", "blank"] = "drop"
 
-    def example(self, row: dict[str, Any]) -> dict[str, Any]:
+    def __post_init__(self):
+        if self.failed_images not in ("drop", "blank"):
+            raise ValueError(f"failed_images={self.failed_images!r}: pass 'drop' or 'blank'.")
+        if self.failed_images == "blank" and self.label_column is None:
+            raise ValueError("failed_images='blank' marks a failed image by its label: name the label_column.")
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        pixel_values = [self._pixel_values(row) for row in rows]
+        decoded = next((values for values in pixel_values if values is not None), None)
+        if decoded is None:
+            return None
+        labels = None
+        if self.label_column is not None:
+            labels = [_class_id(row[self.label_column], self.label_column) for row in rows]
+        if self.failed_images == "blank":
+            labels = [IGNORED_LABEL if values is None else label for values, label in zip(pixel_values, labels)]
+            pixel_values = [torch.zeros_like(decoded) if values is None else values for values in pixel_values]
+        kept = [index for index, values in enumerate(pixel_values) if values is not None]
+        batch: dict[str, Any] = {"pixel_values": torch.stack([pixel_values[index] for index in kept])}
+        if labels is not None:
+            batch["labels"] = torch.tensor([labels[index] for index in kept], dtype=torch.long)
+        if self.id_column is not None:
+            ids = [rows[index][self.id_column] for index in kept]
+            batch["example_ids"] = ids if isinstance(ids[0], str) else torch.tensor(ids)
+        return batch
+
+    def _pixel_values(self, row: dict[str, Any]) -> torch.Tensor | None:
         image = decode_image(row[self.image_column])
-        example: dict[str, Any] = {"pixel_values": None if image is None else self.transform(image)}
-        if self.label_column is not None:
-            example["labels"] = _class_id(row[self.label_column], self.label_column)
-        if self.index_column is not None:
-            example["example_id"] = row[self.index_column]
-        return example
-
-    def batch(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        examples = [self.example(row) for row in rows]
-        return {key: [example[key] for example in examples] for key in self._output_keys()}
-
-    def _output_keys(self) -> list[str]:
-        keys = ["pixel_values"]
-        if self.label_column is not None:
-            keys.append("labels")
-        if self.index_column is not None:
-            keys.append("example_id")
-        return keys
+        return None if image is None else self.transform(image)
 
 
 def _class_id(value: Any, column: str) -> int:
@@ -333,50 +393,3 @@ def _check_label_feature(dataset: AnyDataset, column: str) -> None:
             f"Label column {column!r} has type {feature}, not integer class ids: cast it to a ClassLabel "
             "(dataset.class_encode_column) or pick another label column."
         )
-
-
-def prepare_dataset(
-    dataset: AnyDataset,
-    transform: Transform,
-    image_column: str,
-    label_column: str | None = None,
-    index_column: str | None = None,
-) -> AnyDataset:
-    """Yield examples `{"pixel_values": tensor | None, "labels": int, "example_id": ...}` (last two if asked).
-
-    Map-style sets are transformed lazily, per accessed batch. `index_column` names a column holding a stable
-    example id; a map-style set without it gets the row index there.
-    """
-    if isinstance((dataset.features or {}).get(image_column), datasets.Image):
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    if label_column is not None:
-        _check_label_feature(dataset, label_column)
-    columns = _column_names(dataset)
-    if index_column is not None and index_column not in columns:
-        if isinstance(dataset, datasets.IterableDataset):
-            raise ValueError(
-                f"index_column {index_column!r} not found; the streamed data set has columns {columns}: "
-                "a stream has no stable row index, so name an existing id column."
-            )
-        dataset = dataset.add_column(index_column, np.arange(len(dataset)))
-    preparer = _ExamplePreparer(transform, image_column, label_column, index_column)
-    if isinstance(dataset, datasets.IterableDataset):
-        return dataset.map(preparer.example, remove_columns=columns)
-    return dataset.with_transform(preparer.batch)
-
-
-def collate_images(examples: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Stack examples into a batch, dropping those whose image failed to decode.
-
-    Returns None when every image of the batch failed: the training loop must skip such batches.
-    """
-    kept = [example for example in examples if example["pixel_values"] is not None]
-    if not kept:
-        return None
-    batch: dict[str, Any] = {"pixel_values": torch.stack([example["pixel_values"] for example in kept])}
-    if "labels" in kept[0]:
-        batch["labels"] = torch.tensor([example["labels"] for example in kept], dtype=torch.long)
-    if "example_id" in kept[0]:
-        ids = [example["example_id"] for example in kept]
-        batch["example_ids"] = ids if isinstance(ids[0], str) else torch.tensor(ids)
-    return batch

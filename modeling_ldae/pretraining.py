@@ -11,9 +11,10 @@ Everything a run does lives here, in order:
    data position), SIGTERM/SIGINT handling and a stop on non-finite loss;
 4. the final model: `save_pretrained` + image processor + model card, moved into `output_dir`; optional Hub upload.
 
-Data: examples travel undecoded until the collate function, which runs after Accelerate split the data between
-processes, so each process decodes only its own share, once, whichever way Accelerate shards (by files when a
-stream has at least as many shards as processes, else by batches of a stream every process reads).
+Data: examples travel undecoded (`data.undecoded_columns`) until the collate function (`data.DecodingCollator`), which
+runs after Accelerate split the data between processes, so each process decodes only its own share, once, whichever
+way Accelerate shards (by files when a stream has at least as many shards as processes, else by batches of a stream
+every process reads).
 """
 
 from __future__ import annotations
@@ -69,30 +70,6 @@ class NonFiniteLossError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------- data
 
 
-@dataclass(frozen=True)
-class DecodeCollator:
-    """Decode + transform + stack, in the DataLoader worker of the process that owns the batch.
-
-    Undecodable images are skipped and counted by `data.decode_image`; `None` when a whole batch failed."""
-
-    transform: Callable
-    image_column: str
-    label_column: str | None = None
-    id_column: str | None = None
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-        examples = []
-        for row in rows:
-            image = ldae_data.decode_image(row[self.image_column])
-            example = {"pixel_values": None if image is None else self.transform(image)}
-            if self.label_column is not None:
-                example["labels"] = row[self.label_column]
-            if self.id_column is not None:
-                example["example_id"] = row[self.id_column]
-            examples.append(example)
-        return ldae_data.collate_images(examples)
-
-
 def _worker_init(process_index: int, worker_id: int):
     # A pre-emption signal reaches the whole process group: workers must outlive the main process's checkpoint.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -102,12 +79,6 @@ def _worker_init(process_index: int, worker_id: int):
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
-
-
-def _undecoded(dataset, image_column: str, keep: Sequence[str]):
-    if isinstance((dataset.features or {}).get(image_column), datasets.Image):
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    return dataset.select_columns([image_column, *[c for c in keep if c and c != image_column]])
 
 
 def _first_rows(dataset, count: int) -> list[dict[str, Any]]:
@@ -388,7 +359,7 @@ class Pretrainer:
             id_column = "__row_index__"
             dataset = dataset.add_column(id_column, np.arange(len(dataset)))
         self.id_column = id_column if args.log_example_ids else None
-        dataset = _undecoded(dataset, self.image_column, [self.id_column])
+        dataset = ldae_data.undecoded_columns(dataset, self.image_column, id_column=self.id_column)
         if data_args.max_train_samples is not None:
             dataset = (dataset.take(data_args.max_train_samples) if streaming
                        else dataset.select(range(min(data_args.max_train_samples, len(dataset)))))
@@ -454,9 +425,9 @@ class Pretrainer:
                 if data_args.eval_split:
                     raise
                 continue
-            return _first_rows(_undecoded(stream, self.image_column, []), self.args.num_monitor_images)
+            return _first_rows(ldae_data.undecoded_columns(stream, self.image_column), self.args.num_monitor_images)
         logger.warning("No validation/test split: the monitor images come from the training split (not held out).")
-        stream = _undecoded(self._load_split(data_args.train_split, streaming=True), self.image_column, [])
+        stream = ldae_data.undecoded_columns(self._load_split(data_args.train_split, streaming=True), self.image_column)
         return _first_rows(stream, self.args.num_monitor_images)
 
     def _knn_rows(self):
@@ -474,7 +445,7 @@ class Pretrainer:
         rows = {}
         for name, stream, count in (("train", train.shuffle(seed=self.args.seed, buffer_size=10_000),
                                      self.args.knn_train_samples), ("eval", queries, data_args.max_eval_samples)):
-            rows[name] = _first_rows(_undecoded(stream, self.image_column, [label_column]), count)
+            rows[name] = _first_rows(ldae_data.undecoded_columns(stream, self.image_column, label_column), count)
         self.knn_label_column = label_column
         return rows
 
@@ -490,7 +461,7 @@ class Pretrainer:
             accelerator = self.accelerator
             num_images = args.pca_num_images if self.num_examples is None else min(args.pca_num_images, self.num_examples)
             patches_per_image = math.ceil(args.pca_num_patches / num_images)
-            collator = DecodeCollator(ldae_data.pretrain_transform(self.image_size), self.image_column)
+            collator = ldae_data.DecodingCollator(ldae_data.pretrain_transform(self.image_size), self.image_column)
             sample = self.train_dataset  # undecoded; streams are already shuffled
             if self.streaming:
                 sample = split_dataset_by_node(sample.take(num_images), accelerator.process_index,
@@ -533,7 +504,7 @@ class Pretrainer:
 
     def _monitor_inputs(self):
         rows = self.monitor_rows
-        batch = (DecodeCollator(ldae_data.pretrain_transform(self.image_size), self.image_column))(rows)
+        batch = ldae_data.DecodingCollator(ldae_data.pretrain_transform(self.image_size), self.image_column)(rows)
         images = batch["pixel_values"]
         config = self.config
         timesteps = torch.tensor(self.args.monitor_timesteps, dtype=torch.long)
@@ -579,7 +550,8 @@ class Pretrainer:
     def knn_eval(self) -> float:
         """k-NN top-1 (k = 20, T = 0.07) of L2-normalised `LDAEModel` features: each process embeds its share."""
         accelerator, backbone = self.accelerator, self.accelerator.unwrap_model(self.model).base_model
-        collator = DecodeCollator(ldae_data.eval_transform(self.image_size), self.image_column, self.knn_label_column)
+        collator = ldae_data.DecodingCollator(ldae_data.eval_transform(self.image_size), self.image_column,
+                                              self.knn_label_column)
         features = {}
         backbone.eval()
         for name, rows in self.knn_rows.items():
@@ -654,7 +626,7 @@ class Pretrainer:
 
     def _train_loader(self) -> DataLoader:
         args = self.args
-        collator = DecodeCollator(
+        collator = ldae_data.DecodingCollator(
             ldae_data.pretrain_transform(self.image_size, args.random_resized_crop, tuple(args.crop_scale)),
             self.image_column, id_column=self.id_column,
         )
@@ -729,6 +701,10 @@ class Pretrainer:
         previous_handlers = self._install_signal_handlers()
         try:
             self._loop(optimizer, loader, scheduler)
+        except NonFiniteLossError:
+            # Every process raises it at the same step, after the all-reduce that found it, so all can end the group.
+            accelerator.end_training()
+            raise
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
@@ -737,6 +713,8 @@ class Pretrainer:
             accelerator.end_training()
             raise SystemExit(128 + (self._stop_signal or signal.SIGTERM))  # the signal may have hit another process
         self.save_final_model()
+        # Ending the process group joins gloo's worker threads while the interpreter is alive: one still releasing a
+        # collective's tensor at interpreter exit aborts the process ("terminate called without an active exception").
         accelerator.end_training()
         return progress
 

@@ -61,3 +61,15 @@ def tiny_checkpoint(tmp_path_factory, cifar10_train_images) -> Path:
     model.save_pretrained(path)
     make_image_processor(config.image_size).save_pretrained(path)
     return path
+
+
+def write_cifar_subset(cifar10_dir: Path, folder: Path, num_train: int, num_eval: int) -> Path:
+    """The first images of CIFAR-10's train and test splits as one parquet shard each, in the Hub schema
+    (img: Image, label: ClassLabel), in `folder`."""
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", num_train), ("test", num_eval)):
+        table = pq.read_table(cifar10_dir / f"{split}-00000-of-00001.parquet").slice(0, count)
+        pq.write_table(table, folder / f"{split}-00000-of-00001.parquet")
+    return folder

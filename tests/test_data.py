@@ -32,11 +32,8 @@ def cifar_images(cifar_test: datasets.Dataset) -> list[PIL.Image.Image]:
     return [cifar_test[i]["img"].convert("RGB") for i in range(6)]
 
 
-def _batches(dataset, batch_size: int = 4, num_workers: int = 0) -> list[dict | None]:
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, collate_fn=data.collate_images, num_workers=num_workers
-    )
-    return list(loader)
+def _batches(rows, collator: data.DecodingCollator, batch_size: int = 4, num_workers: int = 0) -> list[dict | None]:
+    return list(torch.utils.data.DataLoader(rows, batch_size=batch_size, collate_fn=collator, num_workers=num_workers))
 
 
 def _assert_model_input(pixel_values: torch.Tensor, size: int = IMAGE_SIZE) -> None:
@@ -49,24 +46,24 @@ def _assert_model_input(pixel_values: torch.Tensor, size: int = IMAGE_SIZE) -> N
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-def test_cifar_map_style_prepares_lazily_with_ids(cifar_test: datasets.Dataset) -> None:
+def test_cifar_map_style_decodes_lazily_with_ids(cifar_test: datasets.Dataset) -> None:
     assert isinstance(cifar_test, datasets.Dataset) and len(cifar_test) == 10_000
     image_column, label_column = data.find_image_column(cifar_test), data.find_label_column(cifar_test)
     assert (image_column, label_column) == ("img", "label")
+    assert data.undecoded_columns(cifar_test, image_column).column_names == ["img"]
 
-    prepared = data.prepare_dataset(
-        cifar_test, data.pretrain_transform(IMAGE_SIZE), image_column, label_column, index_column="example_id"
-    )
-    assert len(prepared) == len(cifar_test)
-    # Lazy: the raw image stays undecoded in the Arrow table.
-    assert prepared.features["img"] == datasets.Image(decode=False)
+    with_ids = cifar_test.add_column("example_id", np.arange(len(cifar_test)))
+    rows = data.undecoded_columns(with_ids, image_column, label_column, id_column="example_id")
+    assert rows.column_names == ["img", "label", "example_id"] and len(rows) == len(cifar_test)
+    # Lazy: the raw image stays encoded in the Arrow table until the collator decodes it.
+    assert rows.features["img"] == datasets.Image(decode=False) and isinstance(rows[7]["img"]["bytes"], bytes)
 
-    example = prepared[7]
+    collator = data.DecodingCollator(data.pretrain_transform(IMAGE_SIZE), image_column, label_column, "example_id")
+    example = collator([rows[7]])
     _assert_model_input(example["pixel_values"])
-    assert example["labels"] == cifar_test[7]["label"] and type(example["labels"]) is int
-    assert example["example_id"] == 7
+    assert example["labels"].tolist() == [cifar_test[7]["label"]] and example["example_ids"].tolist() == [7]
 
-    batch = _batches(prepared.select(range(10)))[-1]
+    batch = _batches(rows.select(range(10)), collator)[-1]
     assert batch["pixel_values"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert batch["labels"].dtype == torch.long
     assert batch["example_ids"].tolist() == [8, 9]
@@ -77,8 +74,8 @@ def test_cifar_streaming_matches_map_style(cifar10_dir: Path, cifar_test: datase
     assert isinstance(stream, datasets.IterableDataset)
     assert data.find_image_column(stream) == "img" and data.find_label_column(stream) == "label"
 
-    prepared = data.prepare_dataset(stream.take(8), data.eval_transform(IMAGE_SIZE), "img", "label")
-    batches = _batches(prepared)
+    rows = data.undecoded_columns(stream.take(8), "img", "label")
+    batches = _batches(rows, data.DecodingCollator(data.eval_transform(IMAGE_SIZE), "img", "label"))
     assert [tuple(b["pixel_values"].shape) for b in batches] == [(4, 3, IMAGE_SIZE, IMAGE_SIZE)] * 2
     _assert_model_input(batches[0]["pixel_values"])
     labels = torch.cat([b["labels"] for b in batches]).tolist()
@@ -89,6 +86,7 @@ def test_cifar_streaming_matches_map_style(cifar10_dir: Path, cifar_test: datase
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_missing_split_lists_available_splits(cifar10_dir: Path, datasets_cache: str, streaming: bool) -> None:
+    assert data.available_splits(str(cifar10_dir), cache_dir=datasets_cache) == ["train", "test"]
     with pytest.raises(ValueError, match=r"'validation' not found.*available splits: train, test"):
         data.load_image_dataset(str(cifar10_dir), split="validation", streaming=streaming, cache_dir=datasets_cache)
 
@@ -98,6 +96,8 @@ def test_source_argument_errors(tmp_path: Path, cifar10_dir: Path) -> None:
         data.load_image_dataset()
     with pytest.raises(ValueError, match="exactly one of dataset_name"):
         data.load_image_dataset(str(cifar10_dir), train_dir=tmp_path)
+    with pytest.raises(ValueError, match="exactly one of dataset_name"):
+        data.available_splits()
     with pytest.raises(ValueError, match="does not exist"):
         data.load_image_dataset(train_dir=tmp_path / "missing")
     (tmp_path / "notes.txt").write_text("no images here")
@@ -123,18 +123,19 @@ def test_parquet_train_dir(parquet_dir: Path, datasets_cache: str, streaming: bo
     assert isinstance(dataset, datasets.IterableDataset if streaming else datasets.Dataset)
     assert isinstance(dataset.features["img"], datasets.Image)
     assert isinstance(dataset.features["label"], datasets.ClassLabel)
-    prepared = data.prepare_dataset(dataset, data.pretrain_transform(IMAGE_SIZE), "img", "label")
+    rows = data.undecoded_columns(dataset, "img", "label")
     if streaming:
         assert dataset.n_shards == 2
         assert sum(1 for _ in dataset) == 300
     else:
         assert len(dataset) == 300
-    first = next(iter(prepared))
+    first = data.DecodingCollator(data.pretrain_transform(IMAGE_SIZE), "img", "label")([next(iter(rows))])
     _assert_model_input(first["pixel_values"])
-    assert isinstance(first["labels"], int)
+    assert first["labels"].tolist() == [next(iter(dataset))["label"]]
 
 
 def test_parquet_train_dir_splits_follow_file_names(parquet_dir: Path, datasets_cache: str) -> None:
+    assert data.available_splits(train_dir=parquet_dir, cache_dir=datasets_cache) == ["train", "test"]
     test_split = data.load_image_dataset(train_dir=parquet_dir, split="test", cache_dir=datasets_cache)
     assert len(test_split) == 50
     with pytest.raises(ValueError, match="available splits: train, test"):
@@ -167,15 +168,17 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory, cifar_images: list[PIL.I
 def test_image_folder_skips_corrupt_jpeg(
     image_dir: Path, datasets_cache: str, caplog: pytest.LogCaptureFixture, streaming: bool, num_workers: int
 ) -> None:
+    assert data.available_splits(train_dir=image_dir) == ["train"]  # a folder without split names is one split
     dataset = data.load_image_dataset(train_dir=image_dir, streaming=streaming, cache_dir=datasets_cache)
     assert dataset.features["label"].names == ["cat", "ship"]
     image_column, label_column = data.find_image_column(dataset), data.find_label_column(dataset)
-    prepared = data.prepare_dataset(dataset, data.eval_transform(IMAGE_SIZE), image_column, label_column)
+    rows = data.undecoded_columns(dataset, image_column, label_column)
+    collator = data.DecodingCollator(data.eval_transform(IMAGE_SIZE), image_column, label_column)
 
     failures_before = data.num_decode_failures()
     with caplog.at_level(logging.WARNING, logger=data.__name__):
         # Failures inside a forked DataLoader worker must still reach this process's counter.
-        batches = _batches(prepared, batch_size=7, num_workers=num_workers)
+        batches = _batches(rows, collator, batch_size=7, num_workers=num_workers)
     assert data.num_decode_failures() == failures_before + 1
     assert failures_before >= 10 or "corrupt.jpg" in caplog.text or num_workers > 0
 
@@ -200,19 +203,40 @@ def test_decode_image_handles_bytes_modes_and_garbage(cifar_images: list[PIL.Ima
     assert data.num_decode_failures() == failures_before + 2
 
 
-def test_collate_drops_failed_examples_and_returns_none_when_all_failed() -> None:
-    image = torch.zeros(3, 4, 4)
-    examples = [
-        {"pixel_values": image, "labels": 1, "example_id": 10},
-        {"pixel_values": None, "labels": 2, "example_id": 11},
-        {"pixel_values": image + 1, "labels": 3, "example_id": 12},
-    ]
-    batch = data.collate_images(examples)
-    assert batch["pixel_values"].shape == (2, 3, 4, 4)
-    assert batch["labels"].tolist() == [1, 3] and batch["labels"].dtype == torch.long
-    assert batch["example_ids"].tolist() == [10, 12]
-    assert set(data.collate_images([{"pixel_values": image}])) == {"pixel_values"}
-    assert data.collate_images([{"pixel_values": None, "labels": 0}]) is None
+def test_collator_drops_or_blanks_failed_images_and_returns_none_when_all_failed(
+    cifar_images: list[PIL.Image.Image],
+) -> None:
+    garbage = {"bytes": b"not an image", "path": None}
+    images = [{"bytes": _jpeg_bytes(image), "path": None} for image in cifar_images[:2]]
+    rows = [{"img": images[0], "label": 1, "id": 10}, {"img": garbage, "label": 2, "id": 11},
+            {"img": images[1], "label": 3, "id": 12}]
+    transform = data.eval_transform(IMAGE_SIZE)
+
+    failures_before = data.num_decode_failures()
+    dropped = data.DecodingCollator(transform, "img", "label", "id")(rows)
+    assert data.num_decode_failures() == failures_before + 1
+    assert dropped["pixel_values"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert dropped["labels"].tolist() == [1, 3] and dropped["labels"].dtype == torch.long
+    assert dropped["example_ids"].tolist() == [10, 12]
+
+    blanked = data.DecodingCollator(transform, "img", "label", "id", failed_images="blank")(rows)
+    assert blanked["labels"].tolist() == [1, data.IGNORED_LABEL, 3] and blanked["example_ids"].tolist() == [10, 11, 12]
+    torch.testing.assert_close(blanked["pixel_values"][[0, 2]], dropped["pixel_values"])
+    assert not blanked["pixel_values"][1].any()
+
+    assert set(data.DecodingCollator(transform, "img")(rows)) == {"pixel_values"}
+    named = data.DecodingCollator(transform, "img", id_column="id")([{**row, "id": f"n{row['id']}"} for row in rows])
+    assert named["example_ids"] == ["n10", "n12"]  # string ids stay a list
+    for failed_images in ("drop", "blank"):
+        assert data.DecodingCollator(transform, "img", "label", failed_images=failed_images)([rows[1]]) is None
+
+
+def test_collator_arguments_are_checked() -> None:
+    transform = data.eval_transform(IMAGE_SIZE)
+    with pytest.raises(ValueError, match="failed_images='blank' marks a failed image by its label"):
+        data.DecodingCollator(transform, "img", failed_images="blank")
+    with pytest.raises(ValueError, match="failed_images='skip': pass 'drop' or 'blank'"):
+        data.DecodingCollator(transform, "img", "label", failed_images="skip")
 
 
 # ---------------------------------------------------------------------------------------------------- columns
@@ -242,17 +266,17 @@ def test_non_integer_labels_raise(cifar_test: datasets.Dataset) -> None:
     small = cifar_test.select(range(4)).remove_columns("label")
     names = small.add_column("label", ["cat", "ship", "cat", "frog"])
     with pytest.raises(ValueError, match="Label column 'label' has type"):
-        data.prepare_dataset(names, data.eval_transform(IMAGE_SIZE), "img", "label")
+        data.undecoded_columns(names, "img", "label")
+    collator = data.DecodingCollator(data.eval_transform(IMAGE_SIZE), "img", "label")
 
-    unlabelled = small.add_column("label", [-1] * 4)
-    prepared = data.prepare_dataset(unlabelled, data.eval_transform(IMAGE_SIZE), "img", "label")
+    unlabelled = data.undecoded_columns(small.add_column("label", [-1] * 4), "img", "label")
     with pytest.raises(ValueError, match="Label column 'label' holds -1"):
-        prepared[0]
+        collator([unlabelled[0]])
 
-    floats = small.to_iterable_dataset().map(lambda example: {"label": 2.5})
-    prepared = data.prepare_dataset(floats, data.eval_transform(IMAGE_SIZE), "img", "label")
+    # A mapped stream no longer knows its schema: the collator checks each value.
+    floats = data.undecoded_columns(small.to_iterable_dataset().map(lambda example: {"label": 2.5}), "img", "label")
     with pytest.raises(ValueError, match="Label column 'label' holds 2.5"):
-        next(iter(prepared))
+        collator([next(iter(floats))])
 
 
 # ---------------------------------------------------------------------------------------------------- transforms
@@ -314,3 +338,13 @@ def test_finetune_transform_augments(wide_image: PIL.Image.Image) -> None:
     assert first.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and first.dtype == torch.float32
     torch.testing.assert_close(run(0), first)
     assert not torch.allclose(run(1), first)
+
+
+def test_finetune_transform_survives_the_strongest_rand_augment(wide_image: PIL.Image.Image) -> None:
+    # Every op at magnitude 10, no noise: uncapped, timm's posterize would keep 0 bits, which Pillow rejects.
+    transform = data.finetune_train_transform(IMAGE_SIZE, rand_augment="rand-m10-mstd0-inc1")
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    for _ in range(200):
+        assert transform(wide_image).shape == (3, IMAGE_SIZE, IMAGE_SIZE)

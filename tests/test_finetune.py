@@ -14,6 +14,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
+from conftest import write_cifar_subset
 from modeling_ldae import LDAEConfig, LDAEForImageClassification
 from modeling_ldae.classification import ClassificationTrainer, FineTuneTrainingArguments, soft_target_cross_entropy
 from modeling_ldae.data import decode_image
@@ -28,11 +29,7 @@ EMA_DECAY = 0.9  # short run: a decay whose average visibly moves
 
 @pytest.fixture(scope="module")
 def cifar_small(cifar10_dir, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("cifar_small")
-    for split, count in (("train", NUM_TRAIN), ("test", NUM_EVAL)):
-        table = pq.read_table(cifar10_dir / f"{split}-00000-of-00001.parquet").slice(0, count)
-        pq.write_table(table, folder / f"{split}-00000-of-00001.parquet")
-    return folder
+    return write_cifar_subset(cifar10_dir, tmp_path_factory.mktemp("cifar_small"), NUM_TRAIN, NUM_EVAL)
 
 
 def finetune_argv(checkpoint: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:

@@ -19,6 +19,7 @@ from huggingface_hub import RepoUrl
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, pipeline
 
+from conftest import write_cifar_subset
 from modeling_ldae import LDAEConfig, LDAEForImageClassification, LDAEForPreTraining, hub
 from modeling_ldae.data import decode_image
 from modeling_ldae.optim import steps_from_epochs
@@ -29,15 +30,6 @@ NUM_TRAIN, NUM_EVAL, BATCH, EPOCHS = 256, 128, 64, 2
 STEPS = steps_from_epochs(NUM_TRAIN, BATCH, EPOCHS)
 LR = 0.1 * BATCH / 256  # base lr 0.1 x batch / 256
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def write_cifar_subset(cifar10_dir: Path, folder: Path, num_train: int, num_eval: int) -> Path:
-    """The first images of each split, as parquet shards with the Hub schema (img: Image, label: ClassLabel)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", num_train), ("test", num_eval)):
-        table = pq.read_table(cifar10_dir / f"{split}-00000-of-00001.parquet").slice(0, count)
-        pq.write_table(table, folder / f"{split}-00000-of-00001.parquet")
-    return folder
 
 
 def probe_argv(checkpoint: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
