@@ -30,6 +30,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
+from torch.utils.data import StackDataset
 from transformers import (
     AutoConfig,
     EvalPrediction,
@@ -532,23 +533,38 @@ def load_classifier(
 
 
 class FeatureHead(nn.Module):
-    """The classifier's head (shared, not copied) applied to cached pooled features."""
+    """MAE's probe head (BatchNorm without affine + Linear) on cached pooled features. `of(model)` shares the
+    classifier's own head (so the saved classifier holds what was trained); `new(dim, num_labels)` makes one for
+    features of any encoder."""
 
-    def __init__(self, model: LDAEForImageClassification):
+    def __init__(self, fc_norm: nn.Module, classifier: nn.Linear):
         super().__init__()
-        self.fc_norm = model.fc_norm
-        self.classifier = model.classifier
-        self.config = model.config
-        self.loss_function = model.loss_function
+        self.fc_norm = fc_norm
+        self.classifier = classifier
+
+    @classmethod
+    def of(cls, model: LDAEForImageClassification) -> "FeatureHead":
+        return cls(model.fc_norm, model.classifier)
+
+    @classmethod
+    def new(cls, feature_dim: int, num_labels: int) -> "FeatureHead":
+        head = cls(nn.BatchNorm1d(feature_dim, affine=False, eps=1e-6), nn.Linear(feature_dim, num_labels))
+        nn.init.trunc_normal_(head.classifier.weight, std=0.01)  # as LDAEForImageClassification's probe head
+        nn.init.zeros_(head.classifier.bias)
+        return head
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> ImageClassifierOutput:
         logits = self.classifier(self.fc_norm(features))
-        loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        return ImageClassifierOutput(loss=None if labels is None else F.cross_entropy(logits, labels), logits=logits)
+
+
+def feature_dataset(features: torch.Tensor, labels: torch.Tensor) -> StackDataset:
+    """Cached features as a map-style data set of {"features", "labels"} rows (in memory, no Arrow round trip)."""
+    return StackDataset(features=features, labels=labels)
 
 
 @torch.inference_mode()
-def extract_features(trainer: Trainer, dataset: AnyDataset, num_examples: int | None) -> datasets.Dataset:
+def extract_features(trainer: Trainer, dataset: AnyDataset, num_examples: int | None) -> StackDataset:
     """Pooled encoder features and labels of `dataset` through the trainer's evaluation loader (center crop), each
     process encoding its share; every process gets all of them, in order."""
     backbone = trainer.accelerator.unwrap_model(trainer.model).ldae.eval()
@@ -560,7 +576,49 @@ def extract_features(trainer: Trainer, dataset: AnyDataset, num_examples: int | 
         features.append(pooled.cpu())
         labels.append(batch_labels.cpu())
     features, labels = _evaluated(torch.cat(features).numpy(), torch.cat(labels).numpy(), num_examples)
-    return datasets.Dataset.from_dict({"features": features, "labels": labels}).with_format("torch")
+    return feature_dataset(torch.from_numpy(features), torch.from_numpy(labels))
+
+
+def feature_probe_trainer(head: FeatureHead, train_features, eval_features, training_args, optimizer,
+                          processor=None) -> "ClassificationTrainer":
+    """The Trainer of the cached-feature probe: `FeatureHead` on `feature_dataset`s, with the given LARS."""
+    return ClassificationTrainer(
+        model=head,
+        train_dataset=train_features,
+        eval_dataset=eval_features,
+        data_collator=_collate_training_features,
+        eval_data_collator=_collate_features,
+        optimizers=(optimizer, None),
+        **_trainer_kwargs(training_args, processor, None),
+    )
+
+
+def linear_probe_on_features(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    eval_features: torch.Tensor,
+    eval_labels: torch.Tensor,
+    output_dir: str | Path,
+    num_labels: int,
+    **probe_arguments,
+) -> dict[str, float]:
+    """The `--cache_features` linear probe (MAE protocol defaults of `LinearProbeTrainingArguments`: BatchNorm +
+    Linear, LARS, base lr 0.1, 10 + 80 epochs) on features from any encoder, so encoders that are not l-DAE models
+    (raw pixels, ViTMAE, random networks) are judged by the same probe. `probe_arguments` override
+    `LinearProbeTrainingArguments` fields (e.g. `num_train_epochs`, `per_device_train_batch_size`, `seed`).
+    Returns top-1 / top-5 on the evaluation features and top-1 on the training features, as fractions."""
+    defaults = dict(per_device_train_batch_size=1024, per_device_eval_batch_size=4096, save_strategy="no",
+                    logging_strategy="no", report_to="none", disable_tqdm=True, dataloader_pin_memory=False)
+    training_args = LinearProbeTrainingArguments(output_dir=str(output_dir), **{**defaults, **probe_arguments})
+    _set_schedule(training_args, len(train_features), streaming=False)
+    head = FeatureHead.new(train_features.shape[1], num_labels)
+    lars = build_lars(head, lr=training_args.learning_rate, weight_decay=training_args.weight_decay,
+                      momentum=training_args.lars_momentum, trust_coefficient=training_args.lars_trust_coefficient)
+    trainer = feature_probe_trainer(head, feature_dataset(train_features, train_labels), None, training_args, lars)
+    trainer.train()
+    evaluation = trainer.evaluate(feature_dataset(eval_features, eval_labels), metric_key_prefix="eval")
+    training = trainer.evaluate(feature_dataset(train_features, train_labels), metric_key_prefix="train")
+    return {"top1": evaluation["eval_top1"], "top5": evaluation["eval_top5"], "train_top1": training["train_top1"]}
 
 
 def _evaluated(predictions: np.ndarray, labels: np.ndarray, num_examples: int | None) -> tuple[np.ndarray, ...]:
@@ -830,15 +888,8 @@ def run_linear_probe(
         if training_args.do_eval:
             eval_dataset = extract_features(image_trainer, data.eval, data.num_eval_examples)
             num_eval_examples = None  # exactly the evaluation examples
-        trainer = ClassificationTrainer(
-            model=FeatureHead(model),
-            train_dataset=train_features,
-            eval_dataset=eval_dataset,
-            data_collator=_collate_training_features,
-            eval_data_collator=_collate_features,
-            optimizers=(lars, None),
-            **_trainer_kwargs(training_args, processor, None),
-        )
+        trainer = feature_probe_trainer(FeatureHead.of(model), train_features, eval_dataset, training_args, lars,
+                                        processor)
     description = (
         f"Linear probe (MAE protocol, {mode.replace('_', ' ')}) of a frozen l-DAE encoder: "
         f"{_features_description(model.config)}; BatchNorm without affine + Linear head trained with LARS "

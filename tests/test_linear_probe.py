@@ -323,3 +323,22 @@ def test_processes_that_did_not_join_are_refused(tiny_checkpoint, cifar_small, t
     with pytest.raises(SystemExit):
         main(probe_argv(tiny_checkpoint, cifar_small, tmp_path / "out"))
     assert "2 processes were launched, but the Trainer sees 1: on CPU pass --use_cpu true" in capsys.readouterr().err
+
+
+def test_linear_probe_on_features_of_any_encoder(cifar10_train_images, tmp_path):
+    """The cached-feature probe on features that are not an l-DAE model's: it learns what they carry, and memorised
+    noise does not transfer."""
+    from modeling_ldae.classification import linear_probe_on_features
+
+    _, labels = cifar10_train_images
+    noise = torch.randn(len(labels), 32, generator=torch.Generator().manual_seed(0))
+    informative = torch.cat([noise, torch.nn.functional.one_hot(labels, 10).float()], dim=1)
+    # LARS moves a weight by lr x 0.001 x |w| per step: a short run needs a large lr to converge.
+    arguments = dict(num_labels=10, num_train_epochs=30, per_device_train_batch_size=32, base_learning_rate=200.0,
+                     warmup_epochs=1, seed=0)
+    useful = linear_probe_on_features(informative[:384], labels[:384], informative[384:], labels[384:],
+                                      output_dir=tmp_path / "useful", **arguments)
+    assert useful["top1"] > 0.95 and useful["train_top1"] > 0.95 and useful["top5"] >= useful["top1"]
+    chance = linear_probe_on_features(noise[:384], labels[:384], noise[384:], labels[384:],
+                                      output_dir=tmp_path / "chance", **arguments)
+    assert chance["top1"] < 0.25 < chance["train_top1"]
