@@ -32,8 +32,8 @@ from datasets.data_files import DataFilesDict, get_data_patterns
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from timm.data.auto_augment import RandAugment
 from torchvision.transforms import v2
-from transformers import ConvNextImageProcessor
-from transformers.image_utils import PILImageResampling
+
+from .modeling_ldae import make_image_processor  # noqa: F401 (lives with the model: checkpoints save it)
 
 logger = logging.getLogger(__name__)
 
@@ -266,17 +266,6 @@ def eval_transform(image_size: int, crop_pct: float = 0.875) -> Transform:
     else:
         geometry = [v2.Resize((image_size, image_size), interpolation=_BICUBIC, antialias=True)]
     return v2.Compose([v2.ToImage(), *geometry, *_to_normalized_tensor()])
-
-
-def make_image_processor(image_size: int, crop_pct: float = 0.875) -> ConvNextImageProcessor:
-    """The image processor saved with checkpoints; `eval_transform` reproduces it."""
-    return ConvNextImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_pct=crop_pct,
-        resample=PILImageResampling.BICUBIC,
-        image_mean=list(NORMALIZE_MEAN),
-        image_std=list(NORMALIZE_STD),
-    )
 
 
 def probe_train_transform(image_size: int, scale: tuple[float, float] = (0.08, 1.0)) -> Transform:

@@ -9,17 +9,19 @@ average-pooled encoder features, classifiers).
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import ConvNextImageProcessor, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.image_utils import PILImageResampling
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.utils import ModelOutput
+from transformers.utils import IMAGE_PROCESSOR_NAME, ModelOutput
 
 from .configuration_ldae import LDAEConfig
 
@@ -290,7 +292,19 @@ class LDAEFinalLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Outputs and the pre-trained model base
+# Outputs, the image processor and the pre-trained model base
+
+
+def make_image_processor(image_size: int, crop_pct: float = 0.875) -> ConvNextImageProcessor:
+    """The evaluation transform saved with every checkpoint: short side to image_size / crop_pct, center crop,
+    bicubic, pixels to [-1, 1] (`modeling_ldae.data.eval_transform` reproduces it for training scripts)."""
+    return ConvNextImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_pct=crop_pct,
+        resample=PILImageResampling.BICUBIC,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -385,7 +399,12 @@ class LDAEPreTrainedModel(PreTrainedModel):
             "AutoModelForPreTraining": "modeling_ldae.LDAEForPreTraining",
             "AutoModelForImageClassification": "modeling_ldae.LDAEForImageClassification",
         }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        # A checkpoint is usable by AutoImageProcessor and the pipelines on its own: add the evaluation processor
+        # unless the caller saved one (the scripts do, to the same effect).
+        if kwargs.get("is_main_process", True) and not (Path(save_directory) / IMAGE_PROCESSOR_NAME).exists():
+            make_image_processor(self.config.image_size).save_pretrained(save_directory)
+        return result
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -740,6 +759,7 @@ class LDAEForImageClassification(LDAEPreTrainedModel):
 
 
 __all__ = [
+    "make_image_processor",
     "LDAEForImageClassification",
     "LDAEForPreTraining",
     "LDAEForPreTrainingOutput",

@@ -486,8 +486,8 @@ def test_pipelines_on_a_saved_checkpoint(tiny_checkpoint, cifar10_train_images, 
     classifier = LDAEForImageClassification.from_pretrained(
         tiny_checkpoint, num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2}
     ).eval()
-    classifier.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
+    classifier.save_pretrained(tmp_path)  # writes the evaluation image processor too
+    assert AutoImageProcessor.from_pretrained(tmp_path).to_dict() == processor.to_dict()
     predictions = pipeline("image-classification", model=str(tmp_path))(pil_images, top_k=1)
     expected = classifier(inputs).logits.argmax(-1).tolist()
     assert [p[0]["label"] for p in predictions] == [classifier.config.id2label[i] for i in expected]
