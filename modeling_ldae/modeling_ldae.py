@@ -449,6 +449,12 @@ class LDAEModel(LDAEPreTrainedModel):
         rates = torch.linspace(0, config.drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([LDAEBlock(config, rate) for rate in rates])
         self.gradient_checkpointing = False
+        if not add_decoder:
+            # Features come from pre-training checkpoints: their decoder blocks and pixel head are unused by design,
+            # so transformers should not report them as unexpected.
+            encoder_blocks = "|".join(str(i) for i in range(config.num_hidden_layers))
+            self._keys_to_ignore_on_load_unexpected = [r"(^|\.)final_layer\.",
+                                                       rf"(^|\.)blocks\.(?!(?:{encoder_blocks})\.)\d+\."]
         self.post_init()
 
     # -- inputs ---------------------------------------------------------------------------------------------------
