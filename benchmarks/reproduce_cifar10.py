@@ -1,0 +1,459 @@
+"""The paper's key findings at CIFAR-10 scale, with the project's own entry points.
+
+    python benchmarks/reproduce_cifar10.py --budget_minutes 40 --output_dir runs/cifar10
+
+Every pre-training run is `run_pretrain.py` (l-DAE variants and the MAE baseline, `transformers`' ViTMAE, through the
+same loop), each given the same wall-clock budget: a short calibration run of the same command measures its images/s,
+which sets `--max_train_steps`. Two runs go side by side, one thread each. Every variant is then judged by the same
+probes on the full 50k train / 10k test split: the package's cached-feature linear probe (the code path of
+`run_linear_probe.py --cache_features`: BatchNorm + Linear head, LARS) and k-NN top-1 (k = 20, T = 0.07). Runs are
+resumable: a finished run is reused, an interrupted one resumes from its last checkpoint; the probes are cached in
+`results.json`. At the end, `docs/results/cifar10.md` (or `--report`) is written from the numbers printed here;
+a hand-written reading below its marker line survives regeneration. Run it on an otherwise idle machine: each
+budget is set from a calibration rate, which other load distorts (the report lists every run's real wall clock).
+
+The regime (why these sizes): 32 px images with 8 x 8 patches give 16 tokens and D = 192 values per patch, large
+enough for latent noise (d = 8, the paper's d / D of 4%) to differ from pixel noise (d = D); a 192-wide 4 + 4 block
+model keeps ~250 images/s per core so a run sees several epochs.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+STUDY_MODEL = dict(image_size=32, patch_size=8, hidden_size=192, num_hidden_layers=4, decoder_num_hidden_layers=4,
+                   num_attention_heads=3, intermediate_size=768)
+DEFAULT_PCA_DIM = 8  # d / D = 4% as in the paper (32 / 768)
+PCA_DIM_SWEEP = (2, 4, 8, 16, 48, 192)
+FEATURE_TIMESTEPS = (0, 10, 20, 40, 80)
+MAE_MODEL = dict(image_size=32, patch_size=8, hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
+                 intermediate_size=768, decoder_hidden_size=192, decoder_num_hidden_layers=4,
+                 decoder_num_attention_heads=3, decoder_intermediate_size=768, mask_ratio=0.75, norm_pix_loss=True)
+BATCH_SIZE = 128
+BASE_LEARNING_RATE = 2e-3  # lr 1e-3 at batch 128: short runs need more than the paper's 1e-4 x 2048 / 256
+WARMUP_FRACTION = 0.05
+
+
+@dataclass
+class Variant:
+    name: str
+    kind: str  # "ldae" | "mae"
+    overrides: dict = field(default_factory=dict)
+    seed: int = 0
+    same_images_as: str | None = None  # train for the steps of that run instead of the wall-clock budget
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.name}-seed{self.seed}"
+
+
+def pretraining_variants(seeds: list[int]) -> list[Variant]:
+    variants = []
+    for seed in seeds:
+        variants += [Variant("ldae", "ldae", {"pca_dim": DEFAULT_PCA_DIM}, seed),
+                     Variant("pixel-dae", "ldae", {"pca_dim": 192}, seed),
+                     Variant("mae", "mae", {}, seed)]
+    variants += [Variant(f"ldae-d{d}", "ldae", {"pca_dim": d}) for d in PCA_DIM_SWEEP if d not in (DEFAULT_PCA_DIM, 192)]
+    variants.append(Variant("ldae-single-level", "ldae",
+                            {"pca_dim": DEFAULT_PCA_DIM, "single_noise_level": math.sqrt(1 / 3)}))
+    variants.append(Variant("mae-same-images", "mae", same_images_as=f"ldae-seed{seeds[0]}"))
+    return variants
+
+
+# ---------------------------------------------------------------------------------------------- pre-training
+
+
+def overrides_string(values: dict) -> str:
+    return ",".join(f"{key}={value}" for key, value in values.items())
+
+
+def pretrain_command(variant: Variant, data_dir: Path, output_dir: Path, max_steps: int) -> list[str]:
+    common = ["--dataset_name", str(data_dir), "--output_dir", str(output_dir), "--seed", str(variant.seed),
+              "--per_device_train_batch_size", str(BATCH_SIZE), "--base_learning_rate", str(BASE_LEARNING_RATE),
+              "--max_train_steps", str(max_steps), "--num_warmup_steps", str(max(1, int(WARMUP_FRACTION * max_steps))),
+              "--checkpointing_steps", "500", "--checkpoints_total_limit", "1", "--logging_steps", "50",
+              "--monitor_steps", "500", "--dataloader_num_workers", "0", "--report_to", "none"]
+    if variant.kind == "mae":
+        return [*common, "--model_type", "vit_mae", "--config_overrides", overrides_string(MAE_MODEL)]
+    return [*common, "--model_preset", "ldae-tiny", "--config_overrides",
+            overrides_string({**STUDY_MODEL, **variant.overrides}), "--pca_num_images", "10000"]
+
+
+def run_logged(command: list[str], log_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    with open(log_path, "a") as log:
+        result = subprocess.run([sys.executable, str(REPO / "run_pretrain.py"), *command], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if result.returncode != 0:
+        raise RuntimeError(f"run_pretrain.py failed (exit {result.returncode}); see {log_path}")
+
+
+def measured_images_per_second(run_dir: Path) -> float:
+    from modeling_ldae.pretraining import read_metrics
+
+    rates = [m["train/images_per_second"] for m in read_metrics(run_dir) if "train/images_per_second" in m]
+    return rates[-1]
+
+
+def pretrain(variant: Variant, data_dir: Path, output_dir: Path, budget_minutes: float) -> dict:
+    """Calibrate (images/s of this exact command), then train for `budget_minutes` worth of steps; resumable."""
+    run_dir = output_dir / "runs" / variant.run_name
+    log_path = output_dir / "logs" / f"{variant.run_name}.log"
+    info_path = run_dir.with_suffix(".json")
+    if info_path.exists():
+        return json.loads(info_path.read_text())
+    plan_path = run_dir.with_suffix(".plan.json")
+    if plan_path.exists():
+        plan = json.loads(plan_path.read_text())
+    elif variant.same_images_as:
+        plan = json.loads((run_dir.parent / f"{variant.same_images_as}.plan.json").read_text())
+        plan_path.write_text(json.dumps(plan))
+    else:
+        calibration_dir = output_dir / "calibration" / variant.run_name
+        shutil.rmtree(calibration_dir, ignore_errors=True)
+        run_logged(pretrain_command(variant, data_dir, calibration_dir, 60) + ["--logging_steps", "20"], log_path)
+        rate = measured_images_per_second(calibration_dir)
+        plan = {"images_per_second": rate, "max_steps": max(1, int(budget_minutes * 60 * rate / BATCH_SIZE))}
+        plan_path.write_text(json.dumps(plan))
+        shutil.rmtree(calibration_dir)
+    command = pretrain_command(variant, data_dir, run_dir, plan["max_steps"]) + ["--resume_from_checkpoint", "latest"]
+    start = time.time()
+    run_logged(command, log_path)
+    info = {**plan, "variant": variant.name, "seed": variant.seed, "wall_seconds": time.time() - start,
+            "images_seen": plan["max_steps"] * BATCH_SIZE, "path": str(run_dir)}
+    info_path.write_text(json.dumps(info))
+    print(f"[pretrained] {variant.run_name}: {plan['max_steps']} steps, {info['images_seen']} images, "
+          f"{info['wall_seconds'] / 60:.1f} min", flush=True)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- features
+
+
+def load_cifar10(data_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Both splits as float tensors in [-1, 1] (the images are 32 x 32 already: no crop, no resize)."""
+    from modeling_ldae.data import decode_image, find_image_column, find_label_column, load_image_dataset
+
+    splits = {}
+    for split in ("train", "test"):
+        dataset = load_image_dataset(dataset_name=str(data_dir), split=split)
+        image_column, label_column = find_image_column(dataset), find_label_column(dataset)
+        pixels = np.stack([np.asarray(decode_image(image)) for image in dataset[image_column]])
+        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+        splits[split] = (images, torch.tensor(dataset[label_column]))
+    return splits
+
+
+@torch.inference_mode()
+def encode(encoder, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    return torch.cat([encoder(batch) for batch in images.split(batch_size)]).float()
+
+
+def ldae_encoder(checkpoint_or_model, **config_overrides):
+    from modeling_ldae import LDAEModel
+
+    model = (LDAEModel.from_pretrained(checkpoint_or_model, **config_overrides)
+             if isinstance(checkpoint_or_model, (str, Path)) else checkpoint_or_model).eval()
+    return lambda images: model(images).pooler_output
+
+
+def mae_encoder(checkpoint):
+    from transformers import ViTMAEModel
+
+    model = ViTMAEModel.from_pretrained(checkpoint, mask_ratio=0.0).eval()
+    # Mean-pooled encoder output on unmasked input (the class token left out), as for l-DAE.
+    return lambda images: model(pixel_values=images).last_hidden_state[:, 1:].mean(1)
+
+
+def random_ldae(seed: int, plain_vit: bool):
+    """No pre-training: the study's architecture at its initialisation (adaLN-Zero: identity blocks), or a plain
+    pre-norm ViT of the same size (the merged form, randomly initialised)."""
+    from modeling_ldae import LDAEConfig, LDAEModel
+
+    torch.manual_seed(seed)
+    config = LDAEConfig(**STUDY_MODEL, pca_dim=DEFAULT_PCA_DIM,
+                        **({"time_conditioning_merged": True, "merged_timestep": 10} if plain_vit else {}))
+    return LDAEModel(config)
+
+
+# ---------------------------------------------------------------------------------------------- probes
+
+
+class Study:
+    def __init__(self, args):
+        self.args = args
+        self.output_dir = Path(args.output_dir)
+        self.results_path = self.output_dir / "results.json"
+        self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+        self._data = None
+
+    @property
+    def data(self):
+        if self._data is None:
+            self._data = load_cifar10(Path(self.args.data_dir))
+        return self._data
+
+    def evaluate(self, key: str, make_encoder) -> dict:
+        """Cached-feature linear probe + k-NN top-1 of one encoder on the full train / test split (cached)."""
+        if key in self.results:
+            return self.results[key]
+        from modeling_ldae.classification import linear_probe_on_features
+        from modeling_ldae.knn import knn_top1
+
+        encoder = make_encoder()
+        (train_images, train_labels), (test_images, test_labels) = self.data["train"], self.data["test"]
+        start = time.time()
+        train_features, test_features = encode(encoder, train_images), encode(encoder, test_images)
+        probe = linear_probe_on_features(train_features, train_labels, test_features, test_labels,
+                                         output_dir=self.output_dir / "probes" / key, num_labels=10,
+                                         num_train_epochs=self.args.probe_epochs,
+                                         base_learning_rate=self.args.probe_base_learning_rate, seed=0)
+        result = {"linear_probe_top1": 100 * probe["top1"], "linear_probe_train_top1": 100 * probe["train_top1"],
+                  "knn_top1": knn_top1(train_features, train_labels, test_features, test_labels, num_classes=10),
+                  "feature_dim": train_features.shape[1], "seconds": time.time() - start}
+        self.results[key] = result
+        self.results_path.write_text(json.dumps(self.results, indent=1, sort_keys=True))
+        print(f"[probe] {key:32s} linear {result['linear_probe_top1']:5.2f}  (train {result['linear_probe_train_top1']:5.2f})"
+              f"  k-NN {result['knn_top1']:5.2f}", flush=True)
+        return result
+
+    def run(self):
+        args, data_dir = self.args, Path(self.args.data_dir)
+        for folder in ("runs", "logs", "probes"):
+            (self.output_dir / folder).mkdir(parents=True, exist_ok=True)
+        seeds = list(range(args.seeds))
+        variants = pretraining_variants(seeds)
+        first, rest = [v for v in variants if not v.same_images_as], [v for v in variants if v.same_images_as]
+        with ThreadPoolExecutor(max_workers=args.parallel_runs) as pool:  # each run is its own 1-thread process
+            runs = {info["variant"] + f"-seed{info['seed']}": info for info in
+                    pool.map(lambda v: pretrain(v, data_dir, self.output_dir, args.budget_minutes), first)}
+            runs.update({f"{v.name}-seed{v.seed}": pretrain(v, data_dir, self.output_dir, args.budget_minutes)
+                         for v in rest})
+        torch.set_num_threads(args.threads)
+        checkpoint = {name: info["path"] for name, info in runs.items()}
+        table = {}
+        for seed in seeds:
+            table[f"ldae-seed{seed}"] = self.evaluate(f"ldae-seed{seed}", lambda s=seed: ldae_encoder(checkpoint[f"ldae-seed{s}"]))
+            table[f"pixel-dae-seed{seed}"] = self.evaluate(
+                f"pixel-dae-seed{seed}", lambda s=seed: ldae_encoder(checkpoint[f"pixel-dae-seed{s}"]))
+            table[f"mae-seed{seed}"] = self.evaluate(f"mae-seed{seed}", lambda s=seed: mae_encoder(checkpoint[f"mae-seed{s}"]))
+            table[f"random-ldae-seed{seed}"] = self.evaluate(
+                f"random-ldae-seed{seed}", lambda s=seed: ldae_encoder(random_ldae(s, plain_vit=False)))
+            table[f"random-vit-seed{seed}"] = self.evaluate(
+                f"random-vit-seed{seed}", lambda s=seed: ldae_encoder(random_ldae(s, plain_vit=True)))
+        table["raw-pixels"] = self.evaluate("raw-pixels", lambda: (lambda images: images.flatten(1)))
+        table["mae-same-images-seed0"] = self.evaluate(
+            "mae-same-images-seed0", lambda: mae_encoder(checkpoint["mae-same-images-seed0"]))
+        for d in PCA_DIM_SWEEP:
+            name = {DEFAULT_PCA_DIM: "ldae-seed0", 192: "pixel-dae-seed0"}.get(d, f"ldae-d{d}-seed0")
+            table[f"d={d}"] = self.evaluate(name, lambda n=name: ldae_encoder(checkpoint[n]))
+        table["single-level"] = self.evaluate("ldae-single-level-seed0",
+                                              lambda: ldae_encoder(checkpoint["ldae-single-level-seed0"]))
+        for mode in ("clean", "noisy"):
+            for t in FEATURE_TIMESTEPS:
+                table[f"t={t}-{mode}"] = self.evaluate(
+                    f"ldae-seed0-t{t}-{mode}",
+                    lambda t=t, m=mode: ldae_encoder(checkpoint["ldae-seed0"], feature_timestep=t, feature_input=m))
+        total_blocks = STUDY_MODEL["num_hidden_layers"] + STUDY_MODEL["decoder_num_hidden_layers"]
+        for depth in range(1, total_blocks):
+            table[f"encoder={depth}"] = self.evaluate(
+                f"ldae-seed0-encoder{depth}", lambda k=depth: ldae_encoder(checkpoint["ldae-seed0"], num_hidden_layers=k))
+        report = Report(args, runs, table, self.output_dir)
+        report.write(Path(args.report))
+        print(f"report written to {args.report}")
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+PAPER = {  # ImageNet linear probe, ViT-1/2L unless noted (docs/method.md)
+    "ldae": "66.6 (ViT-B), 65.0 (ViT-1/2L)", "pixel-dae": "about 20 (classical DAE); 23.6 (pixel-space DiT)",
+    "mae": "68.0 (ViT-B)", "random": "-", "raw-pixels": "-",
+    "d": {8: 56.0, 16: 63.4, 32: 65.1, 64: 60.0, 128: 53.9},  # of D = 768
+    "noise": {"multi-level": 64.5, "single level": 61.5},
+    "t_clean": {0: 64.1, 10: 64.5, 20: 64.1, 40: 63.3, 80: 62.2},
+    "t_noisy": {0: 64.2, 10: 65.0, 20: 65.0, 40: 65.0, 80: 64.5},
+    "split": {9: 58.5, 10: 62.0, 11: 64.1, 12: 64.5, 13: 63.6, 14: 61.9, 15: 59.7},  # encoder blocks of 24
+}
+READING_MARKER = "<!-- reading: written by hand below this line, kept when the report is regenerated -->"
+
+
+class Report:
+    def __init__(self, args, runs: dict, table: dict, output_dir: Path):
+        self.args, self.runs, self.table, self.output_dir = args, runs, table, output_dir
+
+    def seeds(self, name: str) -> list[dict]:
+        return [self.table[f"{name}-seed{s}"] for s in range(self.args.seeds)]
+
+    def summary(self, name: str, metric: str) -> str:
+        values = [r[metric] for r in self.seeds(name)]
+        mean = sum(values) / len(values)
+        return f"{mean:.1f} ± {(max(values) - min(values)) / 2:.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+    def plot(self, folder: Path) -> dict[str, str]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from modeling_ldae.pretraining import read_metrics
+
+        folder.mkdir(parents=True, exist_ok=True)
+        figures = {}
+        dims = list(PCA_DIM_SWEEP)
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(dims, [self.table[f"d={d}"]["linear_probe_top1"] for d in dims], "o-", label="linear probe")
+        ax.plot(dims, [self.table[f"d={d}"]["knn_top1"] for d in dims], "s--", label="k-NN")
+        ax.set(xscale="log", xlabel="latent dimension d (D = 192)", ylabel="CIFAR-10 top-1 (%)",
+               title="Latent dimension (d = D: pixel noise)")
+        ax.set_xticks(dims, [str(d) for d in dims])
+        ax.legend()
+        figures["d_sweep"] = self._save(fig, folder / "d_sweep.png")
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for mode, style in (("clean", "o-"), ("noisy", "s--")):
+            ax.plot(FEATURE_TIMESTEPS, [self.table[f"t={t}-{mode}"]["linear_probe_top1"] for t in FEATURE_TIMESTEPS],
+                    style, label=f"{mode} input")
+        ax.set(xlabel="feature time step t (of 1000)", ylabel="linear probe top-1 (%)", title="Feature time step")
+        ax.legend()
+        figures["t_sweep"] = self._save(fig, folder / "t_sweep.png")
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for name, info in sorted(self.runs.items()):
+            metrics = [m for m in read_metrics(info["path"]) if "train/loss" in m]
+            if metrics and not name.startswith("mae"):
+                ax.plot([m["step"] for m in metrics], [m["train/loss"] for m in metrics], label=name, lw=1)
+        ax.set(xlabel="step", ylabel="training loss (Eq. 4)", yscale="log", title="l-DAE pre-training loss")
+        ax.legend(fontsize=6)
+        figures["loss_curves"] = self._save(fig, folder / "loss_curves.png")
+        pictures = sorted(Path(self.runs["ldae-seed0"]["path"]).glob("denoising/step-*.png"),
+                          key=lambda p: int(p.stem.split("-")[1]))
+        if pictures:
+            shutil.copy(pictures[-1], folder / "denoising.png")
+            figures["denoising"] = "denoising.png"
+        return figures
+
+    @staticmethod
+    def _save(fig, path: Path) -> str:
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        return path.name
+
+    def write(self, path: Path):
+        import platform
+
+        figures = self.plot(path.with_suffix(""))
+        image_folder = path.with_suffix("").name
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), platform.processor())
+        t, r = self.table, self.runs
+        lines = [
+            "# l-DAE at CIFAR-10 scale: the paper's findings with the project's own scripts", "",
+            f"Command: `python benchmarks/reproduce_cifar10.py --budget_minutes {self.args.budget_minutes:g} "
+            f"--seeds {self.args.seeds} --probe_epochs {self.args.probe_epochs}`  ",
+            f"Machine: {cpu}, {os.cpu_count()} cores; {self.args.parallel_runs} pre-training runs side by side, one "
+            f"thread each; torch {torch.__version__}, fp32.  ",
+            f"Budget: {self.args.budget_minutes:g} min of pre-training wall clock per variant (steps set by a "
+            f"calibration run of the same command); batch {BATCH_SIZE}, base lr {BASE_LEARNING_RATE:g} "
+            f"(lr = blr x batch / 256), {WARMUP_FRACTION:.0%} warm-up, cosine, AdamW (0.9, 0.999), no weight decay, "
+            "center crop (the paper's default augmentation).  ",
+            f"Model: 32 px, patch 8 (16 tokens, D = 192), width 192, 4 + 4 blocks, 3 heads; default d = "
+            f"{DEFAULT_PCA_DIM}. MAE: `transformers`' ViTMAE of the same encoder and decoder size, mask ratio 0.75, "
+            "normalised-pixel loss, features = mean-pooled encoder output on unmasked input.  ",
+            f"Probes (the same for every variant, full 50k train / 10k test): the cached-feature linear probe of "
+            f"`run_linear_probe.py` (BatchNorm + Linear, LARS, base lr {self.args.probe_base_learning_rate:.2f}: MAE's "
+            f"0.1 scaled by 1.28M / 50k so the head moves as much as in MAE's ImageNet protocol, batch 1024, "
+            f"{self.args.probe_epochs} epochs) on the "
+            "average-pooled encoder output, and k-NN top-1 (k = 20, T = 0.07). Two seeds: mean ± half the spread.",
+            "",
+            "## 1. Headline", "",
+            "| variant | pre-training | images seen | linear probe top-1 | k-NN top-1 | paper (ImageNet linear probe) |",
+            "|---|---|---|---|---|---|",
+        ]
+        seen = lambda name: f"{r[name]['images_seen']:,} ({r[name]['wall_seconds'] / 60:.0f} min)"  # noqa: E731
+        for name, label, paper in (("ldae", f"l-DAE (d = {DEFAULT_PCA_DIM})", PAPER["ldae"]),
+                                   ("pixel-dae", "pixel DAE (d = D = 192)", PAPER["pixel-dae"]),
+                                   ("mae", "MAE (ViTMAE), same wall clock", PAPER["mae"])):
+            lines.append(f"| {label} | {self.args.budget_minutes:g} min | {seen(name + '-seed0')} | "
+                         f"{self.summary(name, 'linear_probe_top1')} | {self.summary(name, 'knn_top1')} | {paper} |")
+        lines.append(f"| MAE, same images as l-DAE | - | {seen('mae-same-images-seed0')} | "
+                     f"{t['mae-same-images-seed0']['linear_probe_top1']:.1f} | {t['mae-same-images-seed0']['knn_top1']:.1f} | |")
+        for name, label in (("random-ldae", "no pre-training (same architecture, adaLN-Zero init)"),
+                            ("random-vit", "no pre-training (plain ViT, random init)")):
+            lines.append(f"| {label} | - | 0 | {self.summary(name, 'linear_probe_top1')} | "
+                         f"{self.summary(name, 'knn_top1')} | |")
+        lines += [f"| raw pixels (3072-d) | - | 0 | {t['raw-pixels']['linear_probe_top1']:.1f} | "
+                  f"{t['raw-pixels']['knn_top1']:.1f} | |", "",
+                  "## 2. Latent dimension (paper Tab. 2 / Fig. 5)", "",
+                  "| d | " + " | ".join(str(d) for d in PCA_DIM_SWEEP) + " |",
+                  "|---|" + "---|" * len(PCA_DIM_SWEEP),
+                  "| d / D | " + " | ".join(f"{d / 192:.0%}" for d in PCA_DIM_SWEEP) + " |",
+                  "| linear probe | " + " | ".join(f"{t[f'd={d}']['linear_probe_top1']:.1f}" for d in PCA_DIM_SWEEP) + " |",
+                  "| k-NN | " + " | ".join(f"{t[f'd={d}']['knn_top1']:.1f}" for d in PCA_DIM_SWEEP) + " |", "",
+                  "Paper (ImageNet, D = 768): " + ", ".join(f"d = {d} ({d / 768:.0%}): {v}" for d, v in PAPER["d"].items())
+                  + " (measured before the final l-DAE simplifications: compare the trend).", "",
+                  f"![d sweep]({image_folder}/{figures['d_sweep']})", "",
+                  "## 3. Noise levels", "",
+                  "| | multi-level | single level (sigma = sqrt(1/3)) |", "|---|---|---|",
+                  f"| linear probe | {t['ldae-seed0']['linear_probe_top1']:.1f} | {t['single-level']['linear_probe_top1']:.1f} |",
+                  f"| k-NN | {t['ldae-seed0']['knn_top1']:.1f} | {t['single-level']['knn_top1']:.1f} |",
+                  "| paper | 64.5 | 61.5 |", "",
+                  "## 4. Feature time step (one checkpoint: l-DAE seed 0)", "",
+                  "| t | " + " | ".join(str(x) for x in FEATURE_TIMESTEPS) + " |", "|---|" + "---|" * len(FEATURE_TIMESTEPS)]
+        for mode in ("clean", "noisy"):
+            lines.append(f"| {mode} input | " + " | ".join(
+                f"{t[f't={x}-{mode}']['linear_probe_top1']:.1f}" for x in FEATURE_TIMESTEPS) + " |")
+            lines.append(f"| paper, {mode} | " + " | ".join(str(PAPER[f't_{mode}'][x]) for x in FEATURE_TIMESTEPS) + " |")
+        total_blocks = STUDY_MODEL["num_hidden_layers"] + STUDY_MODEL["decoder_num_hidden_layers"]
+        depths = range(1, total_blocks)
+        lines += ["", f"![t sweep]({image_folder}/{figures['t_sweep']})", "",
+                  f"## 5. Encoder depth (one checkpoint, {total_blocks} blocks, trained with a 4 + 4 split)", "",
+                  "| encoder blocks | " + " | ".join(str(k) for k in depths) + " |", "|---|" + "---|" * len(depths),
+                  "| linear probe | " + " | ".join(f"{t[f'encoder={k}']['linear_probe_top1']:.1f}" for k in depths) + " |",
+                  "| k-NN | " + " | ".join(f"{t[f'encoder={k}']['knn_top1']:.1f}" for k in depths) + " |", "",
+                  "Paper (DiT-L, 24 blocks, 12 + 12 trained): " + ", ".join(
+                      f"{k}: {v}" for k, v in PAPER["split"].items()) + ".", "",
+                  "## Training curves and a denoising picture", "",
+                  f"![loss curves]({image_folder}/{figures['loss_curves']})", ""]
+        if "denoising" in figures:
+            lines += [f"![denoising]({image_folder}/denoising.png)", "",
+                      "Clean / noised / denoised CIFAR-10 test images at several noise levels (l-DAE seed 0, end of "
+                      "training; from `run_pretrain.py`'s health pictures).", ""]
+        lines += ["## All numbers", "", "| key | linear probe | (train) | k-NN | feature dim |", "|---|---|---|---|---|"]
+        lines += [f"| {key} | {v['linear_probe_top1']:.2f} | {v['linear_probe_train_top1']:.2f} | {v['knn_top1']:.2f} | "
+                  f"{v['feature_dim']} |" for key, v in sorted(json.loads((self.output_dir / "results.json").read_text()).items())]
+        reading = path.read_text().split(READING_MARKER, 1)[1] if path.exists() and READING_MARKER in path.read_text() else "\n"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n\n" + READING_MARKER + reading)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget_minutes", type=float, default=40.0, help="pre-training wall clock per variant")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds of the headline variants")
+    parser.add_argument("--parallel_runs", type=int, default=2, help="pre-training runs side by side (1 thread each)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for feature extraction and probes")
+    parser.add_argument("--probe_epochs", type=int, default=90)
+    # LARS moves a weight by lr x 0.001 x |w| per step, so the head's total movement is blr x (N / 256) x epochs x
+    # 0.001: MAE's 0.1 on ImageNet's 1.28M images gives 45; on CIFAR-10's 50k the same movement needs 2.56.
+    parser.add_argument("--probe_base_learning_rate", type=float, default=0.1 * 1_281_167 / 50_000)
+    parser.add_argument("--data_dir", default=os.environ.get("LDAE_CIFAR10_DIR", str(REPO.parent / "shared/datasets/cifar10")))
+    parser.add_argument("--output_dir", default=str(REPO / "runs" / "cifar10"))
+    parser.add_argument("--report", default=str(REPO / "docs" / "results" / "cifar10.md"))
+    Study(parser.parse_args(argv)).run()
+
+
+if __name__ == "__main__":
+    main()
