@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser(
         (ModelArguments, DataTrainingArguments, LinearProbeTrainingArguments), prog=Path(__file__).name
     )
-    model_args, data_args, training_args = parse_arguments(parser, argv)
     with report_input_errors(parser.prog):
+        model_args, data_args, training_args = parse_arguments(parser, argv)
         return run_linear_probe(model_args, data_args, training_args)
 
 

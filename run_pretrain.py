@@ -12,11 +12,10 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import yaml
 from transformers import HfArgumentParser
 
+from modeling_ldae.cli import parse_arguments
 from modeling_ldae.pretraining import DEFAULT_DATASET, NonFiniteLossError, Pretrainer
 
 
@@ -134,19 +133,8 @@ class PretrainingArguments:
 
 
 def parse_args(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, PretrainingArguments))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-        path = Path(argv.pop(0))
-        if not path.is_file():
-            raise ValueError(f"Argument file {path} does not exist: pass a YAML/JSON file of run_pretrain.py arguments.")
-        values = yaml.safe_load(path.read_text()) or {}  # YAML reads JSON too
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown argument(s) {', '.join(unknown)}; see `run_pretrain.py --help`.")
-        parser.set_defaults(**values)
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_arguments(HfArgumentParser((ModelArguments, DataArguments, PretrainingArguments),
+                                           prog="run_pretrain.py"), argv)
 
 
 def _print_error(message: str):

@@ -42,7 +42,7 @@ from transformers import (
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from . import hub
+from . import cli, hub
 from .configuration_ldae import FEATURE_INPUTS
 from .data import (
     IGNORED_LABEL,
@@ -196,13 +196,9 @@ class FineTuneTrainingArguments(ProtocolTrainingArguments):
 
 
 def parse_arguments(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple:
-    """Command-line flags, or a single .json / .yaml file holding them."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    return parser.parse_args_into_dataclasses(args=argv)
+    """Flags, optionally after a YAML / JSON file of them (`cli.parse_arguments`); a bad file is an `InputError`."""
+    with _as_input_error():
+        return cli.parse_arguments(parser, argv)
 
 
 @contextlib.contextmanager
