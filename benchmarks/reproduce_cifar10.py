@@ -1,20 +1,25 @@
 """The paper's key findings at CIFAR-10 scale, with the project's own entry points.
 
-    python benchmarks/reproduce_cifar10.py --budget_minutes 40 --output_dir runs/cifar10
+    python benchmarks/reproduce_cifar10.py --budget_minutes 10 --output_dir ../ldae-study
 
 Every pre-training run is `run_pretrain.py` (l-DAE variants and the MAE baseline, `transformers`' ViTMAE, through the
-same loop), each given the same wall-clock budget: a short calibration run of the same command measures its images/s,
-which sets `--max_train_steps`. Two runs go side by side, one thread each. Every variant is then judged by the same
+same loop), each given the same wall-clock budget: a short calibration of each model kind (l-DAE, ViTMAE), run side
+by side as the runs train, measures its images/s, which sets `--max_train_steps` (so every l-DAE variant trains the
+same steps). Two runs go side by side, one thread each. Every variant is then judged by the same
 probes on the full 50k train / 10k test split: the package's cached-feature linear probe (the code path of
 `run_linear_probe.py --cache_features`: BatchNorm + Linear head, LARS) and k-NN top-1 (k = 20, T = 0.07). Runs are
 resumable: a finished run is reused, an interrupted one resumes from its last checkpoint; the probes are cached in
 `results.json`. At the end, `docs/results/cifar10.md` (or `--report`) is written from the numbers printed here;
-a hand-written reading below its marker line survives regeneration. Run it on an otherwise idle machine: each
-budget is set from a calibration rate, which other load distorts (the report lists every run's real wall clock).
+a hand-written reading below its marker line survives regeneration. Run it on an otherwise idle machine: the
+budgets come from calibration rates, which other load distorts (the report lists every run's real wall clock).
+
+The GPU recipe: `--device cuda` pre-trains in bf16 one run at a time (4 decoding workers), extracts features on the
+GPU and writes `docs/results/cifar10-gpu.md`; its calibration measures how many more images the same
+`--budget_minutes` buys there.
 
 The regime (why these sizes): 32 px images with 8 x 8 patches give 16 tokens and D = 192 values per patch, large
 enough for latent noise (d = 8, the paper's d / D of 4%) to differ from pixel noise (d = D); a 192-wide 4 + 4 block
-model keeps ~250 images/s per core so a run sees several epochs.
+model trains at ~150 images/s per core (batch 32), so a 10-minute run sees about two epochs.
 """
 
 import argparse
@@ -27,6 +32,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,9 +49,12 @@ FEATURE_TIMESTEPS = (0, 10, 20, 40, 80)
 MAE_MODEL = dict(image_size=32, patch_size=8, hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
                  intermediate_size=768, decoder_hidden_size=192, decoder_num_hidden_layers=4,
                  decoder_num_attention_heads=3, decoder_intermediate_size=768, mask_ratio=0.75, norm_pix_loss=True)
-BATCH_SIZE = 128
-BASE_LEARNING_RATE = 2e-3  # lr 1e-3 at batch 128: short runs need more than the paper's 1e-4 x 2048 / 256
+# Batch 32 at lr 1e-3: within minutes, more optimizer steps beat larger batches (a 10-minute l-DAE run probed at 42.7
+# with batch 32 against 41.1 with batch 128 at the same lr), and short runs need more than the paper's 1e-4 x 2048 / 256.
+BATCH_SIZE = 32
+BASE_LEARNING_RATE = 8e-3
 WARMUP_FRACTION = 0.05
+CALIBRATION_STEPS = 100
 
 
 @dataclass
@@ -81,12 +90,14 @@ def overrides_string(values: dict) -> str:
     return ",".join(f"{key}={value}" for key, value in values.items())
 
 
-def pretrain_command(variant: Variant, data_dir: Path, output_dir: Path, max_steps: int) -> list[str]:
-    common = ["--dataset_name", str(data_dir), "--output_dir", str(output_dir), "--seed", str(variant.seed),
+def pretrain_command(variant: Variant, data_dir: Path, output_dir: Path, max_steps: int, device: str) -> list[str]:
+    gpu = ["--mixed_precision", "bf16", "--dataloader_num_workers", "4"] if device == "cuda" else [
+        "--mixed_precision", "no", "--dataloader_num_workers", "0"]
+    common = [*gpu, "--dataset_name", str(data_dir), "--output_dir", str(output_dir), "--seed", str(variant.seed),
               "--per_device_train_batch_size", str(BATCH_SIZE), "--base_learning_rate", str(BASE_LEARNING_RATE),
               "--max_train_steps", str(max_steps), "--num_warmup_steps", str(max(1, int(WARMUP_FRACTION * max_steps))),
-              "--checkpointing_steps", "500", "--checkpoints_total_limit", "1", "--logging_steps", "50",
-              "--monitor_steps", "500", "--dataloader_num_workers", "0", "--report_to", "none"]
+              "--checkpointing_steps", "1000", "--checkpoints_total_limit", "1", "--logging_steps", "100",
+              "--monitor_steps", "1000", "--report_to", "none"]
     if variant.kind == "mae":
         return [*common, "--model_type", "vit_mae", "--config_overrides", overrides_string(MAE_MODEL)]
     return [*common, "--model_preset", "ldae-tiny", "--config_overrides",
@@ -110,30 +121,51 @@ def measured_images_per_second(run_dir: Path) -> float:
     return rates[-1]
 
 
-def pretrain(variant: Variant, data_dir: Path, output_dir: Path, budget_minutes: float) -> dict:
-    """Calibrate (images/s of this exact command), then train for `budget_minutes` worth of steps; resumable."""
+def calibrate(data_dir: Path, output_dir: Path, parallel_runs: int, device: str) -> dict[str, float]:
+    """Images/s of each model kind (l-DAE, ViTMAE), measured side by side as the runs will train; cached.
+
+    One rate per kind, not per variant: the l-DAE variants differ only in the PCA's d (a d x D projection per patch,
+    negligible beside the blocks), so they get the same steps, i.e. the same wall clock and the same images seen;
+    a per-variant calibration would only turn measurement noise into unequal budgets."""
+    path = output_dir / "calibration.json"
+    if path.exists():
+        return json.loads(path.read_text())
+
+    def measure(variant: Variant) -> float:
+        from modeling_ldae.pretraining import read_metrics
+
+        calibration_dir = output_dir / "calibration" / variant.kind
+        shutil.rmtree(calibration_dir, ignore_errors=True)
+        run_logged(pretrain_command(variant, data_dir, calibration_dir, CALIBRATION_STEPS, device)
+                   + ["--logging_steps", "20"], output_dir / "logs" / f"calibration-{variant.kind}.log")
+        rates = [m["train/images_per_second"] for m in read_metrics(calibration_dir) if "train/images_per_second" in m]
+        shutil.rmtree(calibration_dir)
+        return float(np.median(rates[1:]))  # the first window includes start-up (and compilation)
+
+    kinds = [Variant("ldae", "ldae", {"pca_dim": DEFAULT_PCA_DIM}), Variant("mae", "mae")]
+    with ThreadPoolExecutor(max_workers=parallel_runs) as pool:
+        rates = dict(zip([v.kind for v in kinds], pool.map(measure, kinds)))
+    path.write_text(json.dumps(rates))
+    print(f"[calibrated] images/s per run: {rates}", flush=True)
+    return rates
+
+
+def pretrain(variant: Variant, data_dir: Path, output_dir: Path, budget_minutes: float, rates: dict,
+             device: str) -> dict:
+    """Train for `budget_minutes` worth of steps at the calibrated rate of the variant's kind; resumable."""
     run_dir = output_dir / "runs" / variant.run_name
-    log_path = output_dir / "logs" / f"{variant.run_name}.log"
     info_path = run_dir.with_suffix(".json")
     if info_path.exists():
         return json.loads(info_path.read_text())
-    plan_path = run_dir.with_suffix(".plan.json")
-    if plan_path.exists():
-        plan = json.loads(plan_path.read_text())
-    elif variant.same_images_as:
-        plan = json.loads((run_dir.parent / f"{variant.same_images_as}.plan.json").read_text())
-        plan_path.write_text(json.dumps(plan))
+    if variant.same_images_as:
+        plan = json.loads((run_dir.parent / f"{variant.same_images_as}.json").read_text())
+        plan = {"images_per_second": rates[variant.kind], "max_steps": plan["max_steps"]}
     else:
-        calibration_dir = output_dir / "calibration" / variant.run_name
-        shutil.rmtree(calibration_dir, ignore_errors=True)
-        run_logged(pretrain_command(variant, data_dir, calibration_dir, 60) + ["--logging_steps", "20"], log_path)
-        rate = measured_images_per_second(calibration_dir)
-        plan = {"images_per_second": rate, "max_steps": max(1, int(budget_minutes * 60 * rate / BATCH_SIZE))}
-        plan_path.write_text(json.dumps(plan))
-        shutil.rmtree(calibration_dir)
-    command = pretrain_command(variant, data_dir, run_dir, plan["max_steps"]) + ["--resume_from_checkpoint", "latest"]
+        plan = {"images_per_second": rates[variant.kind],
+                "max_steps": max(1, int(budget_minutes * 60 * rates[variant.kind] / BATCH_SIZE))}
+    command = pretrain_command(variant, data_dir, run_dir, plan["max_steps"], device)
     start = time.time()
-    run_logged(command, log_path)
+    run_logged(command + ["--resume_from_checkpoint", "latest"], output_dir / "logs" / f"{variant.run_name}.log")
     info = {**plan, "variant": variant.name, "seed": variant.seed, "wall_seconds": time.time() - start,
             "images_seen": plan["max_steps"] * BATCH_SIZE, "path": str(run_dir)}
     info_path.write_text(json.dumps(info))
@@ -160,22 +192,23 @@ def load_cifar10(data_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 @torch.inference_mode()
-def encode(encoder, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    return torch.cat([encoder(batch) for batch in images.split(batch_size)]).float()
+def encode(encoder, images: torch.Tensor, device: str, batch_size: int = 500) -> torch.Tensor:
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        return torch.cat([encoder(batch.to(device)).float().cpu() for batch in images.split(batch_size)])
 
 
-def ldae_encoder(checkpoint_or_model, **config_overrides):
+def ldae_encoder(checkpoint_or_model, device: str, **config_overrides):
     from modeling_ldae import LDAEModel
 
     model = (LDAEModel.from_pretrained(checkpoint_or_model, **config_overrides)
-             if isinstance(checkpoint_or_model, (str, Path)) else checkpoint_or_model).eval()
+             if isinstance(checkpoint_or_model, (str, Path)) else checkpoint_or_model).eval().to(device)
     return lambda images: model(images).pooler_output
 
 
-def mae_encoder(checkpoint):
+def mae_encoder(checkpoint, device: str):
     from transformers import ViTMAEModel
 
-    model = ViTMAEModel.from_pretrained(checkpoint, mask_ratio=0.0).eval()
+    model = ViTMAEModel.from_pretrained(checkpoint, mask_ratio=0.0).eval().to(device)
     # Mean-pooled encoder output on unmasked input (the class token left out), as for l-DAE.
     return lambda images: model(pixel_values=images).last_hidden_state[:, 1:].mean(1)
 
@@ -218,7 +251,8 @@ class Study:
         encoder = make_encoder()
         (train_images, train_labels), (test_images, test_labels) = self.data["train"], self.data["test"]
         start = time.time()
-        train_features, test_features = encode(encoder, train_images), encode(encoder, test_images)
+        train_features, test_features = (encode(encoder, images, self.args.device)
+                                         for images in (train_images, test_images))
         probe = linear_probe_on_features(train_features, train_labels, test_features, test_labels,
                                          output_dir=self.output_dir / "probes" / key, num_labels=10,
                                          num_train_epochs=self.args.probe_epochs,
@@ -239,40 +273,41 @@ class Study:
         seeds = list(range(args.seeds))
         variants = pretraining_variants(seeds)
         first, rest = [v for v in variants if not v.same_images_as], [v for v in variants if v.same_images_as]
+        rates = calibrate(data_dir, self.output_dir, args.parallel_runs, args.device)
+        train = lambda v: pretrain(v, data_dir, self.output_dir, args.budget_minutes, rates, args.device)  # noqa: E731
         with ThreadPoolExecutor(max_workers=args.parallel_runs) as pool:  # each run is its own 1-thread process
-            runs = {info["variant"] + f"-seed{info['seed']}": info for info in
-                    pool.map(lambda v: pretrain(v, data_dir, self.output_dir, args.budget_minutes), first)}
-            runs.update({f"{v.name}-seed{v.seed}": pretrain(v, data_dir, self.output_dir, args.budget_minutes)
-                         for v in rest})
+            runs = {f"{info['variant']}-seed{info['seed']}": info for info in pool.map(train, first)}
+            runs.update({f"{v.name}-seed{v.seed}": train(v) for v in rest})
         torch.set_num_threads(args.threads)
+        ldae, mae = partial(ldae_encoder, device=args.device), partial(mae_encoder, device=args.device)
         checkpoint = {name: info["path"] for name, info in runs.items()}
         table = {}
         for seed in seeds:
-            table[f"ldae-seed{seed}"] = self.evaluate(f"ldae-seed{seed}", lambda s=seed: ldae_encoder(checkpoint[f"ldae-seed{s}"]))
+            table[f"ldae-seed{seed}"] = self.evaluate(f"ldae-seed{seed}", lambda s=seed: ldae(checkpoint[f"ldae-seed{s}"]))
             table[f"pixel-dae-seed{seed}"] = self.evaluate(
-                f"pixel-dae-seed{seed}", lambda s=seed: ldae_encoder(checkpoint[f"pixel-dae-seed{s}"]))
-            table[f"mae-seed{seed}"] = self.evaluate(f"mae-seed{seed}", lambda s=seed: mae_encoder(checkpoint[f"mae-seed{s}"]))
+                f"pixel-dae-seed{seed}", lambda s=seed: ldae(checkpoint[f"pixel-dae-seed{s}"]))
+            table[f"mae-seed{seed}"] = self.evaluate(f"mae-seed{seed}", lambda s=seed: mae(checkpoint[f"mae-seed{s}"]))
             table[f"random-ldae-seed{seed}"] = self.evaluate(
-                f"random-ldae-seed{seed}", lambda s=seed: ldae_encoder(random_ldae(s, plain_vit=False)))
+                f"random-ldae-seed{seed}", lambda s=seed: ldae(random_ldae(s, plain_vit=False)))
             table[f"random-vit-seed{seed}"] = self.evaluate(
-                f"random-vit-seed{seed}", lambda s=seed: ldae_encoder(random_ldae(s, plain_vit=True)))
+                f"random-vit-seed{seed}", lambda s=seed: ldae(random_ldae(s, plain_vit=True)))
         table["raw-pixels"] = self.evaluate("raw-pixels", lambda: (lambda images: images.flatten(1)))
         table["mae-same-images-seed0"] = self.evaluate(
-            "mae-same-images-seed0", lambda: mae_encoder(checkpoint["mae-same-images-seed0"]))
+            "mae-same-images-seed0", lambda: mae(checkpoint["mae-same-images-seed0"]))
         for d in PCA_DIM_SWEEP:
             name = {DEFAULT_PCA_DIM: "ldae-seed0", 192: "pixel-dae-seed0"}.get(d, f"ldae-d{d}-seed0")
-            table[f"d={d}"] = self.evaluate(name, lambda n=name: ldae_encoder(checkpoint[n]))
+            table[f"d={d}"] = self.evaluate(name, lambda n=name: ldae(checkpoint[n]))
         table["single-level"] = self.evaluate("ldae-single-level-seed0",
-                                              lambda: ldae_encoder(checkpoint["ldae-single-level-seed0"]))
+                                              lambda: ldae(checkpoint["ldae-single-level-seed0"]))
         for mode in ("clean", "noisy"):
             for t in FEATURE_TIMESTEPS:
                 table[f"t={t}-{mode}"] = self.evaluate(
                     f"ldae-seed0-t{t}-{mode}",
-                    lambda t=t, m=mode: ldae_encoder(checkpoint["ldae-seed0"], feature_timestep=t, feature_input=m))
+                    lambda t=t, m=mode: ldae(checkpoint["ldae-seed0"], feature_timestep=t, feature_input=m))
         total_blocks = STUDY_MODEL["num_hidden_layers"] + STUDY_MODEL["decoder_num_hidden_layers"]
         for depth in range(1, total_blocks):
             table[f"encoder={depth}"] = self.evaluate(
-                f"ldae-seed0-encoder{depth}", lambda k=depth: ldae_encoder(checkpoint["ldae-seed0"], num_hidden_layers=k))
+                f"ldae-seed0-encoder{depth}", lambda k=depth: ldae(checkpoint["ldae-seed0"], num_hidden_layers=k))
         report = Report(args, runs, table, self.output_dir)
         report.write(Path(args.report))
         print(f"report written to {args.report}")
@@ -345,6 +380,26 @@ class Report:
             figures["denoising"] = "denoising.png"
         return figures
 
+    def health(self) -> list[str]:
+        """Held-out loss of each l-DAE run's last monitor against copying the noisy input (the loss of a network
+        that learned nothing: below 1 means it denoises)."""
+        from modeling_ldae.pretraining import read_metrics
+
+        timesteps = (10, 250, 500, 750, 999)
+        lines = ["Health at the end of each l-DAE run (`run_pretrain.py`'s monitor, held-out test images): the loss "
+                 "divided by the loss of copying the noisy input, overall and per time step (< 1: it denoises).", "",
+                 "| run | held-out loss | / copy | " + " | ".join(f"t = {x}" for x in timesteps) + " |",
+                 "|---|---|---|" + "---|" * len(timesteps)]
+        for name, info in sorted(self.runs.items()):
+            monitors = [m for m in read_metrics(info["path"]) if "monitor/loss" in m]
+            if name.startswith("mae") or not monitors:
+                continue
+            last = monitors[-1]
+            ratios = [last[f"monitor/loss_t{x}"] / last[f"monitor/copy_loss_t{x}"] for x in timesteps]
+            lines.append(f"| {name} | {last['monitor/loss']:.3f} | {last['monitor/loss'] / last['monitor/copy_loss']:.2f} | "
+                         + " | ".join(f"{x:.2f}" for x in ratios) + " |")
+        return lines + [""]
+
     @staticmethod
     def _save(fig, path: Path) -> str:
         fig.tight_layout()
@@ -359,14 +414,20 @@ class Report:
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), platform.processor())
         t, r = self.table, self.runs
+        rates = json.loads((self.output_dir / "calibration.json").read_text())
         lines = [
             "# l-DAE at CIFAR-10 scale: the paper's findings with the project's own scripts", "",
             f"Command: `python benchmarks/reproduce_cifar10.py --budget_minutes {self.args.budget_minutes:g} "
-            f"--seeds {self.args.seeds} --probe_epochs {self.args.probe_epochs}`  ",
-            f"Machine: {cpu}, {os.cpu_count()} cores; {self.args.parallel_runs} pre-training runs side by side, one "
-            f"thread each; torch {torch.__version__}, fp32.  ",
-            f"Budget: {self.args.budget_minutes:g} min of pre-training wall clock per variant (steps set by a "
-            f"calibration run of the same command); batch {BATCH_SIZE}, base lr {BASE_LEARNING_RATE:g} "
+            f"--seeds {self.args.seeds} --probe_epochs {self.args.probe_epochs}"
+            f"{' --device cuda' if self.args.device == 'cuda' else ''}`  ",
+            (f"Machine: {torch.cuda.get_device_name()}, one run at a time, bf16 autocast; torch {torch.__version__}.  "
+             if self.args.device == "cuda" else
+             f"Machine: {cpu}, {os.cpu_count()} cores; {self.args.parallel_runs} pre-training runs side by side, one "
+             f"thread each; torch {torch.__version__}, fp32.  "),
+            f"Budget: {self.args.budget_minutes:g} min of pre-training wall clock per variant, turned into steps by a "
+            f"calibration of each model kind run side by side as the runs train (l-DAE {rates['ldae']:.0f} images/s "
+            f"per run: {r['ldae-seed0']['max_steps']:,} steps for every l-DAE variant; ViTMAE {rates['mae']:.0f} "
+            f"images/s: {r['mae-seed0']['max_steps']:,} steps); batch {BATCH_SIZE}, base lr {BASE_LEARNING_RATE:g} "
             f"(lr = blr x batch / 256), {WARMUP_FRACTION:.0%} warm-up, cosine, AdamW (0.9, 0.999), no weight decay, "
             "center crop (the paper's default augmentation).  ",
             f"Model: 32 px, patch 8 (16 tokens, D = 192), width 192, 4 + 4 blocks, 3 heads; default d = "
@@ -425,8 +486,9 @@ class Report:
                   "| k-NN | " + " | ".join(f"{t[f'encoder={k}']['knn_top1']:.1f}" for k in depths) + " |", "",
                   "Paper (DiT-L, 24 blocks, 12 + 12 trained): " + ", ".join(
                       f"{k}: {v}" for k, v in PAPER["split"].items()) + ".", "",
-                  "## Training curves and a denoising picture", "",
+                  "## Training curves, health signals and a denoising picture", "",
                   f"![loss curves]({image_folder}/{figures['loss_curves']})", ""]
+        lines += self.health()
         if "denoising" in figures:
             lines += [f"![denoising]({image_folder}/denoising.png)", "",
                       "Clean / noised / denoised CIFAR-10 test images at several noise levels (l-DAE seed 0, end of "
@@ -443,7 +505,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget_minutes", type=float, default=40.0, help="pre-training wall clock per variant")
     parser.add_argument("--seeds", type=int, default=2, help="seeds of the headline variants")
-    parser.add_argument("--parallel_runs", type=int, default=2, help="pre-training runs side by side (1 thread each)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: bf16 pre-training, one run at a time, features on the GPU (the GPU recipe)")
+    parser.add_argument("--parallel_runs", type=int, default=None,
+                        help="pre-training runs side by side (default: 2 on cpu, one thread each; 1 on cuda)")
     parser.add_argument("--threads", type=int, default=2, help="threads for feature extraction and probes")
     parser.add_argument("--probe_epochs", type=int, default=90)
     # LARS moves a weight by lr x 0.001 x |w| per step, so the head's total movement is blr x (N / 256) x epochs x
@@ -451,8 +516,12 @@ def main(argv=None):
     parser.add_argument("--probe_base_learning_rate", type=float, default=0.1 * 1_281_167 / 50_000)
     parser.add_argument("--data_dir", default=os.environ.get("LDAE_CIFAR10_DIR", str(REPO.parent / "shared/datasets/cifar10")))
     parser.add_argument("--output_dir", default=str(REPO / "runs" / "cifar10"))
-    parser.add_argument("--report", default=str(REPO / "docs" / "results" / "cifar10.md"))
-    Study(parser.parse_args(argv)).run()
+    parser.add_argument("--report", help="default: docs/results/cifar10.md (cpu) or cifar10-gpu.md (cuda)")
+    args = parser.parse_args(argv)
+    args.report = args.report or str(REPO / "docs" / "results" / f"cifar10{'-gpu' if args.device == 'cuda' else ''}.md")
+    if args.parallel_runs is None:
+        args.parallel_runs = 2 if args.device == "cpu" else 1
+    Study(args).run()
 
 
 if __name__ == "__main__":
