@@ -6,6 +6,9 @@ process. Prints wall time, the ratio to `fit_patch_pca`, and how far each result
     python benchmarks/bench_pca.py --num_images 50000
 
 Needs scikit-learn (the `test` extra). The 64 px case upsamples CIFAR-10 (bicubic) to get the paper's D = 768.
+"subspace sin" is the largest principal-angle sine between the top D / 24 components and the exact ones; "eigenvalue
+err" the largest eigenvalue difference relative to the top one (scikit-learn divides by n - 1, the exact fit by n, so
+1 / n is the floor: 6e-6 for 160k patches).
 """
 
 import argparse
