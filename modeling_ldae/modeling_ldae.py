@@ -446,7 +446,8 @@ class LDAEModel(LDAEPreTrainedModel):
         self.embeddings = LDAEEmbeddings(config)
         self.time_embedder = None if config.time_conditioning_merged else LDAETimestepEmbedder(config)
         depth = config.num_hidden_layers + (config.decoder_num_hidden_layers if add_decoder else 0)
-        rates = torch.linspace(0, config.drop_path_rate, depth).tolist()
+        # On the CPU explicitly: the rates are Python floats, also when the model is built under a meta-device context.
+        rates = torch.linspace(0, config.drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList([LDAEBlock(config, rate) for rate in rates])
         self.gradient_checkpointing = False
         if not add_decoder:
