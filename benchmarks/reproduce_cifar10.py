@@ -299,7 +299,7 @@ class Study:
             table[f"d={d}"] = self.evaluate(name, lambda n=name: ldae(checkpoint[n]))
         table["single-level"] = self.evaluate("ldae-single-level-seed0",
                                               lambda: ldae(checkpoint["ldae-single-level-seed0"]))
-        for mode in ("clean", "noisy"):
+        for mode in ("clean", "noisy") if args.noisy_t_sweep else ("clean",):
             for t in FEATURE_TIMESTEPS:
                 table[f"t={t}-{mode}"] = self.evaluate(
                     f"ldae-seed0-t{t}-{mode}",
@@ -334,6 +334,9 @@ class Report:
     def seeds(self, name: str) -> list[dict]:
         return [self.table[f"{name}-seed{s}"] for s in range(self.args.seeds)]
 
+    def feature_inputs(self) -> list[str]:
+        return [mode for mode in ("clean", "noisy") if f"t=0-{mode}" in self.table]
+
     def summary(self, name: str, metric: str) -> str:
         values = [r[metric] for r in self.seeds(name)]
         mean = sum(values) / len(values)
@@ -359,7 +362,7 @@ class Report:
         ax.legend()
         figures["d_sweep"] = self._save(fig, folder / "d_sweep.png")
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        for mode, style in (("clean", "o-"), ("noisy", "s--")):
+        for mode, style in zip(self.feature_inputs(), ("o-", "s--")):
             ax.plot(FEATURE_TIMESTEPS, [self.table[f"t={t}-{mode}"]["linear_probe_top1"] for t in FEATURE_TIMESTEPS],
                     style, label=f"{mode} input")
         ax.set(xlabel="feature time step t (of 1000)", ylabel="linear probe top-1 (%)", title="Feature time step")
@@ -419,7 +422,7 @@ class Report:
             "# l-DAE at CIFAR-10 scale: the paper's findings with the project's own scripts", "",
             f"Command: `python benchmarks/reproduce_cifar10.py --budget_minutes {self.args.budget_minutes:g} "
             f"--seeds {self.args.seeds} --probe_epochs {self.args.probe_epochs}"
-            f"{' --device cuda' if self.args.device == 'cuda' else ''}`  ",
+            f"{' --noisy_t_sweep' if self.args.noisy_t_sweep else ''}{' --device cuda' if self.args.device == 'cuda' else ''}`  ",
             (f"Machine: {torch.cuda.get_device_name()}, one run at a time, bf16 autocast; torch {torch.__version__}.  "
              if self.args.device == "cuda" else
              f"Machine: {cpu}, {os.cpu_count()} cores; {self.args.parallel_runs} pre-training runs side by side, one "
@@ -473,7 +476,7 @@ class Report:
                   "| paper | 64.5 | 61.5 |", "",
                   "## 4. Feature time step (one checkpoint: l-DAE seed 0)", "",
                   "| t | " + " | ".join(str(x) for x in FEATURE_TIMESTEPS) + " |", "|---|" + "---|" * len(FEATURE_TIMESTEPS)]
-        for mode in ("clean", "noisy"):
+        for mode in self.feature_inputs():
             lines.append(f"| {mode} input | " + " | ".join(
                 f"{t[f't={x}-{mode}']['linear_probe_top1']:.1f}" for x in FEATURE_TIMESTEPS) + " |")
             lines.append(f"| paper, {mode} | " + " | ".join(str(PAPER[f't_{mode}'][x]) for x in FEATURE_TIMESTEPS) + " |")
@@ -511,6 +514,8 @@ def main(argv=None):
                         help="pre-training runs side by side (default: 2 on cpu, one thread each; 1 on cuda)")
     parser.add_argument("--threads", type=int, default=2, help="threads for feature extraction and probes")
     parser.add_argument("--probe_epochs", type=int, default=90)
+    parser.add_argument("--noisy_t_sweep", action="store_true",
+                        help="also sweep t with latent noise added to the input at transfer (paper Tab. 5, 5 more probes)")
     # LARS moves a weight by lr x 0.001 x |w| per step, so the head's total movement is blr x (N / 256) x epochs x
     # 0.001: MAE's 0.1 on ImageNet's 1.28M images gives 45; on CIFAR-10's 50k the same movement needs 2.56.
     parser.add_argument("--probe_base_learning_rate", type=float, default=0.1 * 1_281_167 / 50_000)
