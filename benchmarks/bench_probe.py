@@ -95,7 +95,7 @@ def main():
         "flag": loss > MAX_TOP1_LOSS,
     }
     print(json.dumps(figures, indent=2))
-    print(f"\n| probe | wall time (s) | top-1 | top-5 |\n|---|---|---|---|")
+    print("\n| probe | wall time (s) | top-1 | top-5 |\n|---|---|---|---|")
     for mode, run in runs.items():
         print(f"| {mode} | {run['wall_s']} | {100 * run['top1']:.2f} | {100 * run['top5']:.2f} |")
     if figures["flag"]:

@@ -32,7 +32,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,11 +114,12 @@ def run_logged(command: list[str], log_path: Path) -> None:
         raise RuntimeError(f"run_pretrain.py failed (exit {result.returncode}); see {log_path}")
 
 
-def measured_images_per_second(run_dir: Path) -> float:
+@cache
+def run_metrics(run_dir: Path | str) -> tuple[dict, ...]:
+    """A run's logged metrics, read once (the report's loss curves and health table both use them)."""
     from modeling_ldae.pretraining import read_metrics
 
-    rates = [m["train/images_per_second"] for m in read_metrics(run_dir) if "train/images_per_second" in m]
-    return rates[-1]
+    return tuple(read_metrics(run_dir))
 
 
 def calibrate(data_dir: Path, output_dir: Path, parallel_runs: int, device: str) -> dict[str, float]:
@@ -132,13 +133,11 @@ def calibrate(data_dir: Path, output_dir: Path, parallel_runs: int, device: str)
         return json.loads(path.read_text())
 
     def measure(variant: Variant) -> float:
-        from modeling_ldae.pretraining import read_metrics
-
         calibration_dir = output_dir / "calibration" / variant.kind
         shutil.rmtree(calibration_dir, ignore_errors=True)
         run_logged(pretrain_command(variant, data_dir, calibration_dir, CALIBRATION_STEPS, device)
                    + ["--logging_steps", "20"], output_dir / "logs" / f"calibration-{variant.kind}.log")
-        rates = [m["train/images_per_second"] for m in read_metrics(calibration_dir) if "train/images_per_second" in m]
+        rates = [m["train/images_per_second"] for m in run_metrics(calibration_dir) if "train/images_per_second" in m]
         shutil.rmtree(calibration_dir)
         return float(np.median(rates[1:]))  # the first window includes start-up (and compilation)
 
@@ -348,8 +347,6 @@ class Report:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from modeling_ldae.pretraining import read_metrics
-
         folder.mkdir(parents=True, exist_ok=True)
         figures = {}
         dims = list(PCA_DIM_SWEEP)
@@ -370,7 +367,7 @@ class Report:
         figures["t_sweep"] = self._save(fig, folder / "t_sweep.png")
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for name, info in sorted(self.runs.items()):
-            metrics = [m for m in read_metrics(info["path"]) if "train/loss" in m]
+            metrics = [m for m in run_metrics(info["path"]) if "train/loss" in m]
             if metrics and not name.startswith("mae"):
                 ax.plot([m["step"] for m in metrics], [m["train/loss"] for m in metrics], label=name, lw=1)
         ax.set(xlabel="step", ylabel="training loss (Eq. 4)", yscale="log", title="l-DAE pre-training loss")
@@ -386,15 +383,13 @@ class Report:
     def health(self) -> list[str]:
         """Held-out loss of each l-DAE run's last monitor against copying the noisy input (the loss of a network
         that learned nothing: below 1 means it denoises)."""
-        from modeling_ldae.pretraining import read_metrics
-
         timesteps = (10, 250, 500, 750, 999)
         lines = ["Health at the end of each l-DAE run (`run_pretrain.py`'s monitor, held-out test images): the loss "
                  "divided by the loss of copying the noisy input, overall and per time step (< 1: it denoises).", "",
                  "| run | held-out loss | / copy | " + " | ".join(f"t = {x}" for x in timesteps) + " |",
                  "|---|---|---|" + "---|" * len(timesteps)]
         for name, info in sorted(self.runs.items()):
-            monitors = [m for m in read_metrics(info["path"]) if "monitor/loss" in m]
+            monitors = [m for m in run_metrics(info["path"]) if "monitor/loss" in m]
             if name.startswith("mae") or not monitors:
                 continue
             last = monitors[-1]

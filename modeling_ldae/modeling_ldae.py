@@ -293,6 +293,7 @@ class LDAEFinalLayer(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs, the image processor and the pre-trained model base
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def make_image_processor(image_size: int, crop_pct: float = 0.875) -> ConvNextImageProcessor:
@@ -305,7 +306,6 @@ def make_image_processor(image_size: int, crop_pct: float = 0.875) -> ConvNextIm
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
