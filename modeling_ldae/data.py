@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import numbers
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +34,7 @@ from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from timm.data.auto_augment import RandAugment
 from torchvision.transforms import v2
 
+from .cli import InputError
 from .modeling_ldae import make_image_processor  # noqa: F401 (lives with the model: checkpoints save it)
 
 logger = logging.getLogger(__name__)
@@ -85,7 +87,7 @@ def load_image_dataset(
     available = _available_splits(builder)
     missing = [name for name in _split_names(split) if available and name not in available]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"Split {missing[0]!r} not found in {train_dir if train_dir is not None else dataset_name}; available "
             f"splits: {', '.join(available)}. Pass one of these as split."
         )
@@ -108,7 +110,7 @@ def available_splits(
 
 def _builder(dataset_name, dataset_config_name, train_dir, token, cache_dir) -> datasets.DatasetBuilder:
     if (dataset_name is None) == (train_dir is None):
-        raise ValueError(
+        raise InputError(
             "Pass exactly one of dataset_name (a Hub id or a local data set folder) and train_dir "
             f"(a local folder of images or parquet/arrow shards); got dataset_name={dataset_name!r}, "
             f"train_dir={train_dir!r}."
@@ -117,7 +119,7 @@ def _builder(dataset_name, dataset_config_name, train_dir, token, cache_dir) -> 
         builder_kwargs = _folder_builder_kwargs(Path(train_dir).expanduser())
     else:
         if dataset_name.startswith(("/", ".", "~")) and not Path(dataset_name).expanduser().is_dir():
-            raise ValueError(f"dataset_name {dataset_name!r} looks like a local path but is not a folder: fix it.")
+            raise InputError(f"dataset_name {dataset_name!r} looks like a local path but is not a folder: fix it.")
         builder_kwargs = {"path": dataset_name, "name": dataset_config_name}
     return datasets.load_dataset_builder(**builder_kwargs, token=token, cache_dir=cache_dir)
 
@@ -134,7 +136,7 @@ def _split_names(split: str) -> list[str]:
 
 def _folder_builder_kwargs(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
-        raise ValueError(
+        raise InputError(
             f"train_dir {folder} does not exist or is not a folder: pass a folder of class subfolders of images "
             "or of .parquet/.arrow shards."
         )
@@ -150,10 +152,96 @@ def _folder_builder_kwargs(folder: Path) -> dict[str, Any]:
             return {"path": _SHARD_BUILDERS[suffix], "data_files": data_files}
         if suffix in ImageFolder.EXTENSIONS:
             return {"path": "imagefolder", "data_dir": str(folder)}
-    raise ValueError(
+    raise InputError(
         f"train_dir {folder} contains no image files (.jpg, .png, ...) and no .parquet/.arrow shards: "
         "point it at the folder that holds them."
     )
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a script's images come from: a Hub id or local data set folder (`dataset_name`), or a local folder of
+    images or shards (`train_dir`), with the Hub access to read it."""
+
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    train_dir: str | None = None
+    token: str | None = None
+    cache_dir: str | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.train_dir if self.train_dir is not None else self.dataset_name)
+
+    @property
+    def is_local(self) -> bool:
+        return self.train_dir is not None or Path(self.dataset_name).expanduser().exists()
+
+    def _arguments(self) -> dict[str, Any]:
+        return {"dataset_name": None if self.train_dir is not None else self.dataset_name,
+                "dataset_config_name": self.dataset_config_name, "train_dir": self.train_dir,
+                "token": self.token, "cache_dir": self.cache_dir}
+
+    def splits(self) -> list[str]:
+        return available_splits(**self._arguments())
+
+    def load(self, split: str, streaming: bool) -> AnyDataset:
+        try:
+            return load_image_dataset(**self._arguments(), split=split, streaming=streaming)
+        except InputError:
+            raise
+        except ValueError as error:
+            if "corresponds to no data" in str(error):  # how datasets words an empty split of a prepared data set
+                raise InputError(f"The split {split!r} of {self.name} is empty: it holds no examples.") from None
+            raise InputError(f"{self.name}: {' '.join(str(error).split())}") from None
+        except (OSError, datasets.exceptions.DatasetNotFoundError) as error:
+            raise InputError(f"{self.name}: {' '.join(str(error).split())[:300]}") from None
+
+
+def open_split(
+    source: DataSource,
+    split: str,
+    streaming: bool,
+    max_samples: int | None = None,
+    shuffle_seed: int | None = None,
+    num_examples: int | None = None,
+    count_stream: bool = False,
+) -> tuple[AnyDataset, int | None]:
+    """One split, checked not empty, cut to `max_samples` (the first ones; a `shuffle_seed` picks a seeded random
+    subset of a map-style split instead), and its number of examples: the length of a map-style split; for a stream
+    `num_examples` if given, else its recorded size, else with `count_stream` a count of its rows (read once, not
+    decoded), else `max_samples` (None: unknown). `InputError` for a missing, unreadable or empty split."""
+    dataset = source.load(split, streaming)
+    if max_samples is not None and max_samples <= 0:
+        raise InputError(f"max_*_samples = {max_samples} leaves the split {split!r} empty: pass a positive number.")
+    if isinstance(dataset, datasets.IterableDataset):
+        # Read without decoding: a corrupt image must cost one example later, not fail the check.
+        if next(iter(dataset.decode(False)), None) is None:
+            raise InputError(f"The split {split!r} of {source.name} is empty: point the data flags at images.")
+        if max_samples is not None:
+            dataset = dataset.take(max_samples)
+        if num_examples is None:
+            recorded = (dataset.info.splits or {}).get(split) if "[" not in split else None
+            num_examples = recorded.num_examples if recorded is not None and recorded.num_examples else None
+        if num_examples is None and count_stream:
+            num_examples = sum(1 for _ in dataset.decode(False))
+        if num_examples is not None and max_samples is not None:
+            num_examples = min(num_examples, max_samples)
+        return dataset, num_examples if num_examples is not None else max_samples
+    if len(dataset) == 0:
+        raise InputError(f"The split {split!r} of {source.name} is empty: point the data flags at images.")
+    if max_samples is not None:
+        if shuffle_seed is not None:
+            dataset = dataset.shuffle(seed=shuffle_seed)
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    return dataset, len(dataset)
+
+
+def default_num_workers(processes_per_machine: int = 1, cap: int = 8) -> int:
+    """Decoding workers per process: the cores each process has beyond its own, at most `cap` (MAE's loaders
+    use 10 on machines with many cores per GPU; on a 2-core machine this is 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(cap, cores // max(1, processes_per_machine) - 1))
 
 
 # ---------------------------------------------------------------------------------------------------- columns
@@ -170,11 +258,11 @@ def _find_column(dataset: AnyDataset, requested: str | None, candidates: tuple[s
     columns = _column_names(dataset)
     if requested is not None:
         if requested not in columns:
-            raise ValueError(f"{kind} column {requested!r} not found; the data set has columns {columns}.")
+            raise InputError(f"{kind} column {requested!r} not found; the data set has columns {columns}.")
         return requested
     found = next((name for name in candidates if name in columns), None)
     if found is None:
-        raise ValueError(
+        raise InputError(
             f"No {kind} column found among {list(candidates)}; the data set has columns {columns}: "
             f"name the {kind} column explicitly."
         )
@@ -367,7 +455,7 @@ class DecodingCollator:
 def _class_id(value: Any, column: str) -> int:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
         return int(value)
-    raise ValueError(
+    raise InputError(
         f"Label column {column!r} holds {value!r}, which is not an integer class id >= 0 "
         "(unlabelled splits such as ImageNet's test split use -1): use a labelled split or another label column."
     )
@@ -378,7 +466,145 @@ def _check_label_feature(dataset: AnyDataset, column: str) -> None:
     if feature is None or isinstance(feature, datasets.ClassLabel):
         return
     if not (isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))):
-        raise ValueError(
+        raise InputError(
             f"Label column {column!r} has type {feature}, not integer class ids: cast it to a ClassLabel "
-            "(dataset.class_encode_column) or pick another label column."
+            "(dataset.class_encode_column) or pick another label column (--label_column_name)."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- labelled splits
+
+
+EVAL_SPLIT_CANDIDATES = ("validation", "val", "valid", "test")
+
+
+@dataclass
+class LabelledSplits:
+    """The training and evaluation rows of an image classification data set, checked, in `undecoded_columns` form;
+    `None` for a split that is not used."""
+
+    train: AnyDataset | None
+    eval: AnyDataset | None
+    image_column: str
+    label_column: str
+    class_names: list[str]
+    num_train_examples: int | None  # None: a stream of unknown size
+    num_eval_examples: int | None
+
+
+def load_labelled_splits(source: DataSource, data_args: Any, do_train: bool, do_eval: bool,
+                         seed: int) -> LabelledSplits:
+    """The splits that `do_train` / `do_eval` need, cut to `--max_train_samples` / `--max_eval_samples` (a seeded
+    random subset of map-style training data, else the first examples) and checked: both hold the image and label
+    columns, labels are class ids of the same classes, no split is empty. `data_args` holds the Trainer scripts' data
+    flags (`classification.DataTrainingArguments`).
+
+    The evaluation split is `--eval_split_name`, else the first of `EVAL_SPLIT_CANDIDATES` in the source (or in
+    `--validation_dir`, or that folder's only split), else `--train_val_split` of the training split, held out before
+    either is cut (map-style data only). Raises `InputError` for bad data."""
+    for flag in ("max_train_samples", "max_eval_samples"):
+        if getattr(data_args, flag) is not None and getattr(data_args, flag) <= 0:
+            raise InputError(f"--{flag} {getattr(data_args, flag)} leaves no examples: pass a positive number.")
+    train = eval_ = num_train = num_eval = None
+    if do_eval:
+        eval_source = source if data_args.validation_dir is None else DataSource(
+            train_dir=data_args.validation_dir, token=source.token, cache_dir=source.cache_dir)
+        eval_split = _eval_split_name(eval_source, data_args.eval_split_name, data_args.validation_dir is not None)
+        if eval_split is not None:
+            eval_, num_eval = open_split(eval_source, eval_split, data_args.streaming, data_args.max_eval_samples,
+                                         count_stream=True)
+        elif data_args.streaming:
+            raise InputError(f"{source.name} has no evaluation split (none of {', '.join(EVAL_SPLIT_CANDIDATES)}): "
+                             "pass --eval_split_name or --validation_dir (a stream cannot be split by "
+                             "--train_val_split).")
+    if do_eval and eval_ is None:
+        full, _ = open_split(source, data_args.train_split_name, streaming=False)
+        held_out = full.train_test_split(test_size=data_args.train_val_split, seed=seed)
+        eval_ = _first(held_out["test"], data_args.max_eval_samples)  # both parts are shuffled already
+        train = _first(held_out["train"], data_args.max_train_samples) if do_train else None
+        num_eval, num_train = len(eval_), None if train is None else len(train)
+    elif do_train:
+        train, num_train = open_split(source, data_args.train_split_name, data_args.streaming,
+                                      data_args.max_train_samples, shuffle_seed=seed,
+                                      num_examples=data_args.num_train_examples)
+
+    splits = {what: dataset for what, dataset in (("training split", train), ("evaluation split", eval_))
+              if dataset is not None}
+    first = next(iter(splits.values()))
+    image_column = find_image_column(first, data_args.image_column_name)
+    label_column = find_label_column(first, data_args.label_column_name)
+    for dataset in splits.values():
+        find_image_column(dataset, image_column)
+        find_label_column(dataset, label_column)
+    class_names = _class_names(splits, label_column)
+    for what, dataset in splits.items():
+        _check_class_ids(dataset, label_column, len(class_names), what)
+
+    train, eval_ = (None if dataset is None else undecoded_columns(dataset, image_column, label_column)
+                    for dataset in (train, eval_))
+    if isinstance(train, datasets.IterableDataset) and data_args.shuffle_buffer_size > 0:
+        train = train.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
+    return LabelledSplits(train, eval_, image_column, label_column, class_names, num_train, num_eval)
+
+
+def _eval_split_name(source: DataSource, requested: str | None, is_validation_folder: bool) -> str | None:
+    if requested is not None:
+        return requested
+    available = source.splits()
+    found = next((name for name in EVAL_SPLIT_CANDIDATES if name in available), None)
+    if found is None and is_validation_folder and len(available) == 1:
+        return available[0]  # a folder without split names is one split, here all of it evaluation data
+    return found
+
+
+def _first(dataset: datasets.Dataset, count: int | None) -> datasets.Dataset:
+    return dataset if count is None else dataset.select(range(min(count, len(dataset))))
+
+
+def _class_names(splits: dict[str, AnyDataset], label_column: str) -> list[str]:
+    """The ClassLabel names the splits agree on; for plain integer labels, "0" .. the largest label."""
+    names = [_class_label_names(dataset, label_column, what) for what, dataset in splits.items()]
+    known = [split_names for split_names in names if split_names is not None]
+    if len(known) == 2 and known[0] != known[1]:
+        raise InputError(
+            f"The training and evaluation splits name different classes ({len(known[0])}: {known[0][:5]}... vs "
+            f"{len(known[1])}: {known[1][:5]}...): use splits of the same data set."
+        )
+    if known:
+        return known[0]
+    count = max(_label_range(dataset, label_column)[1] for dataset in splits.values()) + 1
+    return [str(index) for index in range(count)]
+
+
+def _class_label_names(dataset: AnyDataset, label_column: str, what: str) -> list[str] | None:
+    """ClassLabel names; None for a plain integer column (the class count comes from its values)."""
+    _check_label_feature(dataset, label_column)
+    feature = (dataset.features or {}).get(label_column)
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    if isinstance(dataset, datasets.IterableDataset):
+        raise InputError(
+            f"Label column {label_column!r} of the streamed {what} holds plain integers, not a ClassLabel: counting "
+            "the classes would need a pass over the whole stream. Cast it to a ClassLabel or drop --streaming."
+        )
+    return None
+
+
+def _label_range(dataset: AnyDataset, label_column: str) -> tuple[int, int]:
+    if isinstance(dataset, datasets.IterableDataset):
+        # A stream is checked on its first example; its ClassLabel guarantees the rest are class ids or -1, and
+        # `DecodingCollator` refuses a -1 when it meets one.
+        value = next(iter(dataset.select_columns([label_column])))[label_column]
+        return value, value
+    values = dataset.select_columns([label_column]).with_format("numpy")[:][label_column]
+    return int(values.min()), int(values.max())
+
+
+def _check_class_ids(dataset: AnyDataset, label_column: str, num_classes: int, what: str) -> None:
+    low, high = _label_range(dataset, label_column)
+    if low < 0 or high >= num_classes:
+        raise InputError(
+            f"Label column {label_column!r} of the {what} holds {low if low < 0 else high}, not a class id in "
+            f"[0, {num_classes}) (unlabelled splits such as ImageNet's test split use -1): use a labelled split "
+            "(--train_split_name / --eval_split_name) or another --label_column_name."
         )

@@ -1,18 +1,49 @@
-"""Model card, Hub upload and crash-safe output folders for trained l-DAE models."""
+"""Model cards, Hub ids and Hub upload of trained models, shared by the three scripts.
 
-import contextlib
+The scripts upload with `push_to_hub` here, not with `Trainer.push_to_hub`, which would regenerate README.md over
+the card written by `write_model_card`.
+"""
+
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
-# Trainer checkpoints (optimizer state, RNG) and unfinished `atomic_output_dir` folders are not part of the model.
-IGNORE_PATTERNS = ["checkpoint*", "*/checkpoint*", "tmp-checkpoint*", "*.tmp*"]
+from .cli import InputError
+
+# Checkpoints (optimizer state, RNG) and unfinished temporary folders are not part of the model.
+IGNORE_PATTERNS = ["checkpoint*", "*/checkpoint*", ".tmp*", "*/.tmp*"]
+
+
+def hub_id(name: str | os.PathLike | None) -> str | None:
+    """`name` if it can only be a Hub id (card metadata links Hub models and data sets), None for local paths."""
+    if name is None:
+        return None
+    name = str(name)
+    if name.startswith(("/", ".", "~")) or Path(name).expanduser().exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def repo_id(hub_model_id: str | None, output_dir: str | os.PathLike) -> str:
+    """The repository to upload to: `--hub_model_id`, else the output folder's name; checked before any training,
+    so that a bad id cannot fail the upload after a long run."""
+    name = hub_model_id or Path(output_dir).resolve().name
+    try:
+        validate_repo_id(name)
+    except HFValidationError as error:
+        raise InputError(f"--hub_model_id {name!r} is not a valid Hub repository id ({error}): pass "
+                         "--hub_model_id <user or organisation>/<name>.") from None
+    return name
 
 
 def _format(value: Any) -> str:
@@ -66,34 +97,3 @@ def push_to_hub(
         commit_message=commit_message,
         ignore_patterns=IGNORE_PATTERNS,
     )
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh sibling folder of `path` that replaces `path` only if the block succeeds.
-
-    On an exception the sibling is deleted and an existing `path` is untouched. POSIX cannot rename a folder over a
-    non-empty one, so the old folder is first renamed aside: `path` is briefly absent, never half-written.
-    Use from one process only (the main process of a distributed run).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its mode 0o700 would become the final folder's mode.
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if not path.exists():
-        tmp.rename(path)
-        return
-    old = path.with_name(f".{path.name}.old.tmp-{uuid.uuid4().hex[:8]}")
-    path.rename(old)
-    try:
-        tmp.rename(path)
-    except BaseException:
-        old.rename(path)
-        raise
-    shutil.rmtree(old)

@@ -1,7 +1,8 @@
-"""Optimizer parameter groups and LARS for l-DAE training (AdamW pre-training, layer-decay fine-tuning, LARS probe).
+"""Optimizer parameter groups, LARS and schedule lengths for l-DAE training (AdamW pre-training, layer-decay
+fine-tuning, LARS probe), shared by the three scripts.
 
 The learning-rate schedule is `transformers.get_cosine_schedule_with_warmup` (linear warm-up, half cosine to 0);
-`steps_from_epochs` converts the epoch-based recipe into its step counts.
+`schedule_lengths` turns the epoch-based recipes (or explicit step counts) into its step counts.
 """
 
 import math
@@ -10,6 +11,8 @@ from typing import Any
 
 from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
+
+from .cli import InputError
 
 
 def _no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -77,3 +80,29 @@ def steps_from_epochs(num_examples: int, global_batch: int, epochs: float) -> in
     Give the total to `TrainingArguments(max_steps=...)` too, so the schedule and the Trainer agree exactly.
     """
     return math.floor(math.ceil(num_examples / global_batch) * epochs + 0.5)
+
+
+def schedule_lengths(
+    num_examples: int | None,
+    global_batch: int,
+    num_train_epochs: float,
+    max_steps: int | None = None,
+    warmup_epochs: float = 0.0,
+    warmup_steps: int | None = None,
+) -> tuple[int, int]:
+    """(total optimizer steps, warm-up steps): `max_steps` / `warmup_steps` where given (> 0), else counted from
+    epochs of `num_examples`. `InputError` when epochs must be counted but the size is unknown (a stream)."""
+    if max_steps is None or max_steps <= 0:
+        if num_examples is None:
+            raise InputError("The training data does not tell its size (a stream), so --num_train_epochs cannot "
+                             "become steps: pass --max_steps, or the number of training examples "
+                             "(--num_train_examples / --max_train_samples).")
+        max_steps = steps_from_epochs(num_examples, global_batch, num_train_epochs)
+    if warmup_steps is None or warmup_steps <= 0:
+        if not warmup_epochs:
+            warmup_steps = 0
+        elif num_examples is not None:
+            warmup_steps = steps_from_epochs(num_examples, global_batch, warmup_epochs)
+        else:  # the same fraction of the run as the epochs say
+            warmup_steps = round(max_steps * warmup_epochs / num_train_epochs)
+    return max_steps, min(warmup_steps, max_steps)

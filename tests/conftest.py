@@ -1,5 +1,7 @@
 """Session-wide fixtures shared by the whole suite (each torch import costs ~10 s, so share)."""
 
+import contextlib
+import inspect
 import os
 from pathlib import Path
 
@@ -73,3 +75,61 @@ def write_cifar_subset(cifar10_dir: Path, folder: Path, num_train: int, num_eval
         table = pq.read_table(cifar10_dir / f"{split}-00000-of-00001.parquet").slice(0, count)
         pq.write_table(table, folder / f"{split}-00000-of-00001.parquet")
     return folder
+
+
+class RecordingHfApi:
+    """Stands in for `huggingface_hub.HfApi` at the network boundary, the suite's one fake Hub client. Every call is
+    bound against the real `HfApi` signature (a call the real client would reject fails here too), and
+    `upload_folder` records the files the real upload would send: the folder's files after its allow / ignore
+    patterns, applied with huggingface_hub's own filter."""
+
+    calls: list[tuple[str, dict]] = []
+
+    def __init__(self, token: str | None = None) -> None:
+        from huggingface_hub import HfApi
+
+        inspect.signature(HfApi).bind(token=token)
+        self.calls.append(("init", {"token": token}))
+
+    def create_repo(self, repo_id: str, **kwargs):
+        from huggingface_hub import HfApi, RepoUrl
+
+        inspect.signature(HfApi.create_repo).bind(self, repo_id, **kwargs)
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id: str, folder_path, **kwargs):
+        from huggingface_hub import CommitInfo, HfApi
+        from huggingface_hub.utils import filter_repo_objects
+
+        inspect.signature(HfApi.upload_folder).bind(self, repo_id=repo_id, folder_path=folder_path, **kwargs)
+        root = Path(folder_path)
+        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        uploaded = list(filter_repo_objects(files, allow_patterns=kwargs.get("allow_patterns"),
+                                            ignore_patterns=kwargs.get("ignore_patterns")))
+        self.calls.append(("upload_folder", {"repo_id": repo_id, "folder_path": folder_path, "files": uploaded,
+                                             **kwargs}))
+        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="",
+                          commit_description="", oid="0")
+
+
+@contextlib.contextmanager
+def recording_hub():
+    """Patch `modeling_ldae.hub.HfApi` with `RecordingHfApi` for the block; yields the list of recorded calls."""
+    from modeling_ldae import hub
+
+    calls = []
+    patch = pytest.MonkeyPatch()
+    patch.setattr(RecordingHfApi, "calls", calls)
+    patch.setattr(hub, "HfApi", RecordingHfApi)
+    try:
+        yield calls
+    finally:
+        patch.undo()
+
+
+@pytest.fixture
+def hub_calls():
+    """The calls a test's code makes to the Hub, recorded by `RecordingHfApi` instead of sent."""
+    with recording_hub() as calls:
+        yield calls

@@ -2,12 +2,16 @@
 
 import io
 import logging
+import multiprocessing
 import random
+import shutil
 from pathlib import Path
 
 import datasets
 import numpy as np
 import PIL.Image
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -165,9 +169,7 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory, cifar_images: list[PIL.I
 
 
 @pytest.mark.parametrize(("streaming", "num_workers"), [(False, 0), (True, 0), (False, 1)])
-def test_image_folder_skips_corrupt_jpeg(
-    image_dir: Path, datasets_cache: str, caplog: pytest.LogCaptureFixture, streaming: bool, num_workers: int
-) -> None:
+def test_image_folder_skips_corrupt_jpeg(image_dir: Path, datasets_cache: str, streaming: bool, num_workers: int) -> None:
     assert data.available_splits(train_dir=image_dir) == ["train"]  # a folder without split names is one split
     dataset = data.load_image_dataset(train_dir=image_dir, streaming=streaming, cache_dir=datasets_cache)
     assert dataset.features["label"].names == ["cat", "ship"]
@@ -176,17 +178,30 @@ def test_image_folder_skips_corrupt_jpeg(
     collator = data.DecodingCollator(data.eval_transform(IMAGE_SIZE), image_column, label_column)
 
     failures_before = data.num_decode_failures()
-    with caplog.at_level(logging.WARNING, logger=data.__name__):
-        # Failures inside a forked DataLoader worker must still reach this process's counter.
-        batches = _batches(rows, collator, batch_size=7, num_workers=num_workers)
+    # Failures inside a forked DataLoader worker must still reach this process's counter.
+    batches = _batches(rows, collator, batch_size=7, num_workers=num_workers)
     assert data.num_decode_failures() == failures_before + 1
-    assert failures_before >= 10 or "corrupt.jpg" in caplog.text or num_workers > 0
 
     assert len(batches) == 1  # the whole folder fits one batch
     batch = batches[0]
     assert batch["pixel_values"].shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE)
     _assert_model_input(batch["pixel_values"])
     assert sorted(batch["labels"].tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def test_decode_failures_are_logged_with_their_file_first_ten_then_every_thousandth(
+    image_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A fresh counter: the suite's earlier failures must not decide which of these are logged.
+    monkeypatch.setattr(data, "_decode_failures", multiprocessing.Value("q", 0))
+    corrupt = {"bytes": None, "path": str(image_dir / "cat" / "corrupt.jpg")}
+    with caplog.at_level(logging.WARNING, logger=data.__name__):
+        assert all(data.decode_image(corrupt) is None for _ in range(11))
+        assert [record.getMessage().count("corrupt.jpg") for record in caplog.records] == [1] * 10
+        data._decode_failures.value = 998
+        data.decode_image(corrupt), data.decode_image(corrupt)
+    assert len(caplog.records) == 11 and "(1000 so far)" in caplog.records[-1].getMessage()
+    assert data.num_decode_failures() == 1000
 
 
 def test_decode_image_handles_bytes_modes_and_garbage(cifar_images: list[PIL.Image.Image]) -> None:
@@ -348,3 +363,62 @@ def test_finetune_transform_survives_the_strongest_rand_augment(wide_image: PIL.
     torch.manual_seed(0)
     for _ in range(200):
         assert transform(wide_image).shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+# ---------------------------------------------------------------------------------------------------- labelled splits
+
+
+def _data_flags(**flags):
+    from modeling_ldae.classification import DataTrainingArguments
+
+    return DataTrainingArguments(**flags)
+
+
+@pytest.fixture(scope="module")
+def train_only_dir(tmp_path_factory: pytest.TempPathFactory, parquet_dir: Path) -> Path:
+    folder = tmp_path_factory.mktemp("train_only")
+    shutil.copy(parquet_dir / "train-00000-of-00002.parquet", folder / "train-00000-of-00001.parquet")
+    return folder
+
+
+def test_labelled_splits_hold_out_evaluation_before_cutting_the_training_split(
+    train_only_dir: Path, datasets_cache: str
+) -> None:
+    source = data.DataSource(train_dir=str(train_only_dir), cache_dir=datasets_cache)
+    flags = _data_flags(train_dir=str(train_only_dir), train_val_split=0.25, max_train_samples=100)
+    splits = data.load_labelled_splits(source, flags, do_train=True, do_eval=True, seed=0)
+    assert (splits.num_train_examples, splits.num_eval_examples) == (100, 50)  # 150 + 50 of 200, then 100 of 150
+    assert (len(splits.train), len(splits.eval)) == (100, 50)
+    train_images = {row["img"]["bytes"] for row in splits.train}
+    assert len(train_images) == 100 and not train_images & {row["img"]["bytes"] for row in splits.eval}
+    assert splits.class_names[:2] == ["airplane", "automobile"] and len(splits.class_names) == 10
+    assert (splits.image_column, splits.label_column) == ("img", "label")
+
+
+def test_labelled_splits_evaluate_a_validation_folder_without_split_names(
+    parquet_dir: Path, train_only_dir: Path, datasets_cache: str
+) -> None:
+    source = data.DataSource(train_dir=str(parquet_dir), cache_dir=datasets_cache)
+    flags = _data_flags(train_dir=str(parquet_dir), validation_dir=str(train_only_dir), max_eval_samples=20)
+    splits = data.load_labelled_splits(source, flags, do_train=False, do_eval=True, seed=0)
+    assert splits.train is None and splits.num_eval_examples == 20
+    first = pq.read_table(train_only_dir / "train-00000-of-00001.parquet").slice(0, 1).to_pylist()[0]
+    assert splits.eval[0]["img"]["bytes"] == first["img"]["bytes"]  # the folder's only split, first examples
+
+
+def test_streamed_split_is_checked_and_counted_without_decoding(
+    cifar_test: datasets.Dataset, tmp_path: Path, datasets_cache: str
+) -> None:
+    # A corrupt first image must cost one example when the collator meets it, not fail the emptiness check or count.
+    folder = tmp_path / "corrupt_first"
+    folder.mkdir()
+    table = cifar_test.select(range(12)).with_format("arrow")[:]
+    rows = table.to_pylist()
+    rows[0]["img"] = {"bytes": b"not an image", "path": None}
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), folder / "test-00000-of-00001.parquet")
+    source = data.DataSource(train_dir=str(folder), cache_dir=datasets_cache)
+    stream, count = data.open_split(source, "test", streaming=True, count_stream=True)
+    assert count == 12 and isinstance(stream, datasets.IterableDataset)
+    flags = _data_flags(train_dir=str(folder), eval_split_name="test", streaming=True)
+    splits = data.load_labelled_splits(source, flags, do_train=False, do_eval=True, seed=0)
+    assert splits.num_eval_examples == 12 and splits.class_names[0] == "airplane"
