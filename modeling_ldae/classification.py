@@ -1,12 +1,10 @@
 """Linear probing and fine-tuning of l-DAE checkpoints on the `transformers` Trainer (the MAE evaluation protocols,
-`ldae-method.md` section 7). `run_linear_probe.py` and `run_finetune.py` are thin command lines over this module.
+`ldae-method.md` section 7): what `run_linear_probe.py` and `run_finetune.py` share beyond the package's common
+plumbing (`cli`, `data`, `optim`, `hub`, `features`).
 
-Data flow: `load_classification_data` (raw rows: undecoded image + class id, checked) -> the Trainer splits the rows
-between processes -> `data.DecodingCollator` decodes and transforms only this process's rows -> the model (see
-`data.py` for why decoding waits for the collator).
-
-Bad input (labels, checkpoint, PCA, class count, empty split) raises `InputError` before training starts; the scripts
-print it as one line.
+Data flow: `data.load_labelled_splits` (raw rows: undecoded image + class id, checked) -> the Trainer splits the rows
+between processes -> `image_collator` decodes and transforms only this process's rows -> the model (see `data.py`
+for why decoding waits for the collator).
 """
 
 import contextlib
@@ -34,7 +32,6 @@ from torch.utils.data import StackDataset
 from transformers import (
     AutoConfig,
     EvalPrediction,
-    HfArgumentParser,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -42,40 +39,31 @@ from transformers import (
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from . import cli, hub
+from . import features, hub
+from .cli import InputError
 from .configuration_ldae import FEATURE_INPUTS
 from .data import (
+    EVAL_SPLIT_CANDIDATES,
     IGNORED_LABEL,
+    DataSource,
     DecodingCollator,
-    available_splits,
-    eval_transform,
-    finetune_train_transform,
-    find_image_column,
-    find_label_column,
-    load_image_dataset,
-    make_image_processor,
+    LabelledSplits,
+    load_labelled_splits,
     num_decode_failures,
-    probe_train_transform,
-    undecoded_columns,
 )
 from .evaluation import compute_topk_metrics, preprocess_logits_for_metrics
 from .modeling_ldae import LDAEForImageClassification
-from .optim import build_lars, layer_decay_param_groups, steps_from_epochs
+from .optim import build_lars, schedule_lengths
 
 logger = logging.getLogger(__name__)
 
 AnyDataset = datasets.Dataset | datasets.IterableDataset
-EVAL_SPLIT_CANDIDATES = ("validation", "val", "valid", "test")
 # Paper / MAE layer-wise lr decay by (width, encoder depth): ViT-B, ViT-1/2L (project choice), ViT-L.
 LAYER_DECAY = {(768, 12): 0.85, (1024, 12): 0.75, (1024, 24): 0.65}
 DEFAULT_LAYER_DECAY = 0.75
 EMA_FOLDER = "ema"
 PREDICTIONS_FILE = "eval_predictions.jsonl"
 CARD_RESULTS = ("top1", "top5", "_samples", "protocol", "probe_mode", "model_ema")
-
-
-class InputError(ValueError):
-    """Bad user input (data, checkpoint, flags): reported as one line before training starts."""
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
@@ -124,7 +112,12 @@ class DataTrainingArguments:
     train_val_split: float = field(
         default=0.15, metadata={"help": "Fraction of the training split held out when there is no evaluation split."}
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training examples."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training examples (map-style: a seeded random subset)."}
+    )
+    num_train_examples: int | None = field(
+        default=None, metadata={"help": "Size of a stream whose info does not give it (turns epochs into steps)."}
+    )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation examples."})
     image_column_name: str | None = field(
         default=None, metadata={"help": "Image column; default: the first of image, img, jpg."}
@@ -162,6 +155,13 @@ class ProtocolTrainingArguments(TrainingArguments):
     def global_batch_size(self) -> int:
         return self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
 
+    def set_schedule_lengths(self, num_train_examples: int | None) -> None:
+        """`max_steps` and `warmup_steps` from the epochs of `num_train_examples` (None: a stream of unknown size),
+        unless given: the Trainer cannot count a stream's epochs, and it has no warm-up in epochs."""
+        self.max_steps, self.warmup_steps = schedule_lengths(
+            num_train_examples, self.global_batch_size, self.num_train_epochs, self.max_steps, self.warmup_epochs,
+            self.warmup_steps)
+
 
 @dataclass
 class LinearProbeTrainingArguments(ProtocolTrainingArguments):
@@ -195,31 +195,30 @@ class FineTuneTrainingArguments(ProtocolTrainingArguments):
     model_ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step."})
 
 
-def parse_arguments(parser: HfArgumentParser, argv: list[str] | None = None) -> tuple:
-    """Flags, optionally after a YAML / JSON file of them (`cli.parse_arguments`); a bad file is an `InputError`."""
-    with _as_input_error():
-        return cli.parse_arguments(parser, argv)
+# ---------------------------------------------------------------------------------------------------- setup
 
 
-@contextlib.contextmanager
-def report_input_errors(prog: str) -> Iterator[None]:
-    """Turn an `InputError` into one line on stderr and exit status 2, as argparse does for a bad flag."""
-    try:
-        yield
-    except InputError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+def check_trainer_arguments(training_args: TrainingArguments) -> None:
+    """`InputError` for a run with nothing to do, or for processes started by torchrun / accelerate that did not form
+    one group: each would train alone and overwrite the others' output (on a machine without GPUs, unless told to
+    use the CPU)."""
+    if not (training_args.do_train or training_args.do_eval):
+        raise InputError("Nothing to do: pass --do_train and/or --do_eval.")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != training_args.world_size:
+        raise InputError(
+            f"{launched} processes were launched, but the Trainer sees {training_args.world_size}: on CPU pass "
+            "--use_cpu true (or set ACCELERATE_USE_CPU=true) so that they train together."
+        )
 
 
-@contextlib.contextmanager
-def _as_input_error() -> Iterator[None]:
-    # Loading data and checkpoints fails with ValueError / OSError on bad input; report those as input errors.
-    try:
-        yield
-    except InputError:
-        raise
-    except (ValueError, OSError) as error:
-        raise InputError(" ".join(str(error).split())) from error
+def take_over_push(training_args: TrainingArguments) -> str | None:
+    """The repository id to push the finished folder to, checked now rather than after training, or None. Turns off
+    the Trainer's own push, which would upload every checkpoint and write its own README.md over the model card."""
+    if not training_args.push_to_hub:
+        return None
+    training_args.push_to_hub = False
+    return hub.repo_id(training_args.hub_model_id, training_args.output_dir)
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -236,203 +235,6 @@ def setup_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(level)
 
 
-# ---------------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class ClassificationData:
-    """Raw rows (image column undecoded, integer class ids), checked; `None` for a split that is not used."""
-
-    train: AnyDataset | None
-    eval: AnyDataset | None
-    image_column: str
-    label_column: str
-    class_names: list[str]
-    num_train_examples: int | None  # None: a stream of unknown size
-    num_eval_examples: int | None
-
-
-def _source(data_args: DataTrainingArguments, directory: str | None = None) -> dict[str, Any]:
-    if directory is not None:
-        return {"train_dir": directory}
-    return {"dataset_name": data_args.dataset_name, "dataset_config_name": data_args.dataset_config_name,
-            "train_dir": data_args.train_dir}
-
-
-def _pick_eval_split(available: list[str], requested: str | None) -> str | None:
-    if requested is not None:
-        return requested
-    return next((name for name in EVAL_SPLIT_CANDIDATES if name in available), None)
-
-
-def _peek(dataset: datasets.IterableDataset, what: str) -> dict[str, Any]:
-    try:
-        return next(iter(dataset))
-    except StopIteration:
-        raise InputError(f"The {what} is empty: it holds no examples.") from None
-
-
-def _class_names(dataset: AnyDataset, label_column: str, what: str) -> list[str] | None:
-    """ClassLabel names; None for a plain integer column (counted from the values); InputError otherwise."""
-    feature = (dataset.features or {}).get(label_column)
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
-    if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
-        if isinstance(dataset, datasets.IterableDataset):
-            raise InputError(
-                f"Label column {label_column!r} of the streamed {what} holds plain integers, not a ClassLabel: the "
-                "class count would need a pass over the whole stream. Cast it to a ClassLabel or do not stream."
-            )
-        return None
-    raise InputError(
-        f"Label column {label_column!r} of the {what} has type {feature}, not integer class ids: cast it to a "
-        "ClassLabel (dataset.class_encode_column) or name another column with --label_column_name."
-    )
-
-
-def _label_range(dataset: AnyDataset, label_column: str) -> tuple[int, int]:
-    if isinstance(dataset, datasets.IterableDataset):
-        # Streams are checked on their first example; ClassLabel guarantees the rest are valid ids or -1.
-        value = _peek(dataset, "stream")[label_column]
-        return value, value
-    values = dataset.select_columns([label_column]).with_format("numpy")[:][label_column]
-    return int(values.min()), int(values.max())
-
-
-def _check_labels(dataset: AnyDataset, label_column: str, num_classes: int, what: str) -> None:
-    low, high = _label_range(dataset, label_column)
-    if low < 0 or high >= num_classes:
-        bad = low if low < 0 else high
-        raise InputError(
-            f"Label column {label_column!r} of the {what} holds {bad}, not a class id in [0, {num_classes}) "
-            "(unlabelled splits such as ImageNet's test split use -1): use a labelled split."
-        )
-
-
-def _load_split(source, split, data_args, model_args, what) -> AnyDataset:
-    try:
-        dataset = load_image_dataset(
-            **source, split=split, streaming=data_args.streaming, token=model_args.token, cache_dir=model_args.cache_dir
-        )
-    except ValueError as error:
-        # How datasets words an empty split of a prepared data set.
-        if "corresponds to no data" in str(error):
-            raise InputError(f"The {what} is empty: it holds no examples.") from error
-        raise
-    if isinstance(dataset, datasets.IterableDataset):
-        _peek(dataset, what)
-    elif len(dataset) == 0:
-        raise InputError(f"The {what} is empty: it holds no examples.")
-    return dataset
-
-
-def check_launch(training_args: TrainingArguments) -> None:
-    """Processes started by torchrun / accelerate that did not form one group would each train alone and overwrite
-    each other's output (on a machine without GPUs, unless told to use the CPU)."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != training_args.world_size:
-        raise InputError(
-            f"{launched} processes were launched, but the Trainer sees {training_args.world_size}: on CPU pass "
-            "--use_cpu true (or set ACCELERATE_USE_CPU=true) so that they train together."
-        )
-
-
-def load_classification_data(
-    data_args: DataTrainingArguments, model_args: ModelArguments, training_args: TrainingArguments
-) -> ClassificationData:
-    """Load, check and subsample the splits that `--do_train` / `--do_eval` need; raise `InputError` on bad data."""
-    check_launch(training_args)
-    if not (training_args.do_train or training_args.do_eval):
-        raise InputError("Nothing to do: pass --do_train and/or --do_eval.")
-    source = _source(data_args)
-    with _as_input_error(), training_args.main_process_first(desc="loading the data set"):
-        need_train = training_args.do_train
-        train = eval_ = None
-        if training_args.do_eval:
-            eval_source = _source(data_args, data_args.validation_dir) if data_args.validation_dir else source
-            available = available_splits(**eval_source, token=model_args.token, cache_dir=model_args.cache_dir)
-            eval_split = _pick_eval_split(available, data_args.eval_split_name)
-            if eval_split is None and data_args.validation_dir:
-                eval_split = available[0] if len(available) == 1 else None
-            if eval_split is not None:
-                eval_ = _load_split(eval_source, eval_split, data_args, model_args, f"evaluation split {eval_split!r}")
-            elif data_args.streaming:
-                raise InputError(
-                    f"No evaluation split among {available}: pass --eval_split_name or --validation_dir (a stream "
-                    "cannot be split for --train_val_split)."
-                )
-            else:
-                need_train = True
-        if need_train:
-            train = _load_split(source, data_args.train_split_name, data_args, model_args,
-                                f"training split {data_args.train_split_name!r}")
-        first = train if train is not None else eval_
-        image_column = find_image_column(first, data_args.image_column_name)
-        label_column = find_label_column(first, data_args.label_column_name)
-        for dataset, what in ((train, "training split"), (eval_, "evaluation split")):
-            if dataset is not None:
-                find_image_column(dataset, image_column)
-                find_label_column(dataset, label_column)
-
-        if training_args.do_eval and eval_ is None:
-            held_out = train.train_test_split(test_size=data_args.train_val_split, seed=training_args.seed)
-            train, eval_ = (held_out["train"] if training_args.do_train else None), held_out["test"]
-
-        train = _subsample(train, data_args.max_train_samples, training_args.seed)
-        eval_ = _subsample(eval_, data_args.max_eval_samples, None)
-        names = {what: _class_names(dataset, label_column, what)
-                 for dataset, what in ((train, "training split"), (eval_, "evaluation split")) if dataset is not None}
-        known = [value for value in names.values() if value is not None]
-        if len(known) == 2 and known[0] != known[1]:
-            raise InputError(
-                f"The training and evaluation splits name different classes ({len(known[0])}: {known[0][:5]}... vs "
-                f"{len(known[1])}: {known[1][:5]}...): use splits of the same data set."
-            )
-        if known:
-            class_names = known[0]
-        else:
-            count = max(_label_range(d, label_column)[1] for d in (train, eval_) if d is not None) + 1
-            class_names = [str(index) for index in range(count)]
-        for dataset, what in ((train, "training split"), (eval_, "evaluation split")):
-            if dataset is not None:
-                _check_labels(dataset, label_column, len(class_names), what)
-
-    train, eval_ = (None if dataset is None else undecoded_columns(dataset, image_column, label_column)
-                    for dataset in (train, eval_))
-    num_train = num_eval = None
-    if train is not None:
-        num_train = _num_examples(train, data_args.train_split_name, data_args.max_train_samples, exact=False)
-        if isinstance(train, datasets.IterableDataset) and data_args.shuffle_buffer_size > 0:
-            train = train.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
-    if eval_ is not None:
-        num_eval = _num_examples(eval_, eval_split, data_args.max_eval_samples, exact=True)
-    return ClassificationData(train, eval_, image_column, label_column, class_names, num_train, num_eval)
-
-
-def _subsample(dataset: AnyDataset | None, count: int | None, seed: int | None) -> AnyDataset | None:
-    if dataset is None or count is None:
-        return dataset
-    if isinstance(dataset, datasets.IterableDataset):
-        return dataset.take(count)
-    if seed is not None:
-        dataset = dataset.shuffle(seed=seed)
-    subset = dataset.select(range(min(count, len(dataset))))
-    if len(subset) == 0:
-        raise InputError("--max_train_samples / --max_eval_samples of 0 leaves an empty split.")
-    return subset
-
-
-def _num_examples(dataset: AnyDataset, split: str, limit: int | None, exact: bool) -> int | None:
-    """Rows of a split: its length; for a stream, its recorded size (capped by `limit`), else, where `exact`, a count
-    of the raw rows (read once, not decoded), else `limit`."""
-    if not isinstance(dataset, datasets.IterableDataset):
-        return len(dataset)
-    known = (dataset.info.splits or {}).get(split) if "[" not in split else None
-    if known is not None and known.num_examples:
-        return min(known.num_examples, limit or known.num_examples)
-    return sum(1 for _ in dataset) if exact else limit
-
-
 # ---------------------------------------------------------------------------------------------------- batches
 
 
@@ -444,7 +246,7 @@ def _even(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: torch.cat([value, value[:1]]) for key, value in batch.items()}
 
 
-def image_collator(transform: Callable, data: ClassificationData, training: bool) -> Callable:
+def image_collator(transform: Callable, data: LabelledSplits, training: bool) -> Callable:
     """The Trainer's collate function over `data.DecodingCollator`. Images that fail to decode are counted and, in
     training, dropped; in evaluation they stay as blank images labelled `IGNORED_LABEL`, because processes gather
     equal-sized batches, and the metrics leave them out."""
@@ -487,7 +289,7 @@ def load_classifier(
     path = model_args.model_name_or_path
     hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision,
                   "token": model_args.token, "trust_remote_code": model_args.trust_remote_code}
-    with _as_input_error():
+    with _checkpoint_errors(path):
         config = AutoConfig.from_pretrained(path, **hub_kwargs)
     if config.model_type != "ldae":
         kind = ", ".join(config.architectures or []) or type(config).__name__
@@ -509,7 +311,7 @@ def load_classifier(
             f"--feature_timestep {overrides['feature_timestep']}: the checkpoint's time conditioning is merged at "
             f"t = {merged_at}, so it has no other t; drop the flag or use an unmerged checkpoint."
         )
-    with _as_input_error():
+    with _checkpoint_errors(path):
         model = LDAEForImageClassification.from_pretrained(
             path,
             id2label=dict(enumerate(class_names)),
@@ -526,6 +328,16 @@ def load_classifier(
             "none fitted (all-zero eigenvalues): use --feature_input clean or a checkpoint with a fitted PCA."
         )
     return model
+
+
+@contextlib.contextmanager
+def _checkpoint_errors(path: str) -> Iterator[None]:
+    # How `from_pretrained` says that a path or Hub id holds no (loadable) checkpoint.
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        raise InputError(f"--model_name_or_path {path!r} cannot be loaded ({' '.join(str(error).split())[:300]}): "
+                         "pass a local checkpoint folder or a Hub id you can read (--token).") from None
 
 
 class FeatureHead(nn.Module):
@@ -559,33 +371,30 @@ def feature_dataset(features: torch.Tensor, labels: torch.Tensor) -> StackDatase
     return StackDataset(features=features, labels=labels)
 
 
-@torch.inference_mode()
-def extract_features(trainer: Trainer, dataset: AnyDataset, num_examples: int | None) -> StackDataset:
+def cached_features(trainer: Trainer, dataset: AnyDataset, num_examples: int | None) -> StackDataset:
     """Pooled encoder features and labels of `dataset` through the trainer's evaluation loader (center crop), each
-    process encoding its share; every process gets all of them, in order."""
+    process encoding its share under the trainer's autocast; every process gets all of them, in order."""
     backbone = trainer.accelerator.unwrap_model(trainer.model).ldae.eval()
-    features, labels = [], []
-    for batch in trainer.get_eval_dataloader(dataset):
-        with trainer.accelerator.autocast():
-            pooled = backbone(batch["pixel_values"]).pooler_output
-        pooled, batch_labels = trainer.accelerator.gather_for_metrics((pooled.float(), batch["labels"]))
-        features.append(pooled.cpu())
-        labels.append(batch_labels.cpu())
-    features, labels = _evaluated(torch.cat(features).numpy(), torch.cat(labels).numpy(), num_examples)
-    return feature_dataset(torch.from_numpy(features), torch.from_numpy(labels))
+    pooled, labels = features.extract_features(lambda pixels: backbone(pixels).pooler_output,
+                                               trainer.get_eval_dataloader(dataset), accelerator=trainer.accelerator)
+    pooled, labels = _evaluated(pooled.numpy(), labels.numpy(), num_examples)
+    return feature_dataset(torch.from_numpy(pooled), torch.from_numpy(labels))
 
 
-def feature_probe_trainer(head: FeatureHead, train_features, eval_features, training_args, optimizer,
-                          processor=None) -> "ClassificationTrainer":
+def feature_probe_trainer(head: FeatureHead, train_features: StackDataset | None,
+                          eval_features: StackDataset | None, training_args: TrainingArguments,
+                          optimizer: torch.optim.Optimizer) -> "ClassificationTrainer":
     """The Trainer of the cached-feature probe: `FeatureHead` on `feature_dataset`s, with the given LARS."""
     return ClassificationTrainer(
         model=head,
+        args=training_args,
         train_dataset=train_features,
         eval_dataset=eval_features,
         data_collator=_collate_training_features,
         eval_data_collator=_collate_features,
         optimizers=(optimizer, None),
-        **_trainer_kwargs(training_args, processor, None),
+        compute_metrics=topk_metrics(num_examples=None),
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )
 
 
@@ -606,7 +415,7 @@ def linear_probe_on_features(
     defaults = dict(per_device_train_batch_size=1024, per_device_eval_batch_size=4096, save_strategy="no",
                     logging_strategy="no", report_to="none", disable_tqdm=True, dataloader_pin_memory=False)
     training_args = LinearProbeTrainingArguments(output_dir=str(output_dir), **{**defaults, **probe_arguments})
-    _set_schedule(training_args, len(train_features), streaming=False)
+    training_args.set_schedule_lengths(len(train_features))
     head = FeatureHead.new(train_features.shape[1], num_labels)
     lars = build_lars(head, lr=training_args.learning_rate, weight_decay=training_args.weight_decay,
                       momentum=training_args.lars_momentum, trust_coefficient=training_args.lars_trust_coefficient)
@@ -623,6 +432,12 @@ def _evaluated(predictions: np.ndarray, labels: np.ndarray, num_examples: int | 
     predictions, labels = predictions[:num_examples], labels[:num_examples]
     keep = labels != IGNORED_LABEL
     return predictions[keep], labels[keep]
+
+
+def topk_metrics(num_examples: int | None) -> Callable[[EvalPrediction], dict[str, float]]:
+    """The Trainer's `compute_metrics`: top-1 / top-5 of the first `num_examples` predictions (None: all), leaving
+    out images that failed to decode."""
+    return partial(_topk_metrics, num_examples=num_examples)
 
 
 def _topk_metrics(eval_pred: EvalPrediction, num_examples: int | None) -> dict[str, float]:
@@ -713,7 +528,21 @@ class ModelEmaCallback(TrainerCallback):
             )
 
 
-def _last_checkpoint(training_args: TrainingArguments) -> str | None:
+# ---------------------------------------------------------------------------------------------------- run steps
+
+
+def load_data(model_args: ModelArguments, data_args: DataTrainingArguments,
+              training_args: TrainingArguments) -> LabelledSplits:
+    """`data.load_labelled_splits` for the run's flags; the main process first, so that the others read its cache."""
+    source = DataSource(data_args.dataset_name, data_args.dataset_config_name, data_args.train_dir, model_args.token,
+                        model_args.cache_dir)
+    with training_args.main_process_first(desc="loading the data set"):
+        return load_labelled_splits(source, data_args, training_args.do_train, training_args.do_eval,
+                                    training_args.seed)
+
+
+def last_checkpoint(training_args: TrainingArguments) -> str | None:
+    """`--resume_from_checkpoint`, else the last `checkpoint-N` in `--output_dir` when training, else None."""
     if training_args.resume_from_checkpoint:
         return training_args.resume_from_checkpoint
     if training_args.do_train and Path(training_args.output_dir).is_dir():
@@ -724,237 +553,56 @@ def _last_checkpoint(training_args: TrainingArguments) -> str | None:
     return None
 
 
-def _set_schedule(training_args: ProtocolTrainingArguments, num_train_examples: int | None, streaming: bool) -> None:
-    """Epochs -> steps where the Trainer cannot count them (streams), and warm-up epochs -> steps."""
-    batch = training_args.global_batch_size
-    if training_args.max_steps <= 0 and streaming:
-        if num_train_examples is None:
-            raise InputError(
-                "The size of the streamed training split is unknown: pass --max_train_samples or --max_steps."
-            )
-        training_args.max_steps = steps_from_epochs(num_train_examples, batch, training_args.num_train_epochs)
-    if training_args.warmup_steps == 0 and training_args.warmup_epochs > 0:
-        if num_train_examples is not None:
-            warmup = steps_from_epochs(num_train_examples, batch, training_args.warmup_epochs)
-        else:
-            warmup = round(training_args.max_steps * training_args.warmup_epochs / training_args.num_train_epochs)
-        training_args.warmup_steps = warmup
-
-
-def _trainer_kwargs(training_args, processor, num_eval_examples: int | None) -> dict[str, Any]:
-    return {
-        "args": training_args,
-        "processing_class": processor,
-        "compute_metrics": partial(_topk_metrics, num_examples=num_eval_examples),
-        "preprocess_logits_for_metrics": preprocess_logits_for_metrics,
-    }
-
-
-def _write_predictions(trainer: Trainer, predictions: np.ndarray, labels: np.ndarray, path: Path) -> None:
+def evaluate_with_predictions(trainer: Trainer, dataset: AnyDataset, num_examples: int | None) -> dict[str, Any]:
+    """`eval_*` metrics of exactly the evaluation examples (the first `num_examples` predictions, None: all, less the
+    images that failed to decode) and, from the main process, each one's label and top-5 classes in
+    `eval_predictions.jsonl`, the file the metrics can be recomputed from."""
+    prediction = trainer.predict(dataset, metric_key_prefix="eval")
+    predictions, labels = _evaluated(prediction.predictions, prediction.label_ids, num_examples)
     if trainer.is_world_process_zero():
-        with open(path, "w") as file:
+        with open(Path(trainer.args.output_dir) / PREDICTIONS_FILE, "w") as file:
             for label, top in zip(labels.tolist(), predictions.tolist()):
                 file.write(json.dumps({"label": label, "top5": top}) + "\n")
+    return {**prediction.metrics, "eval_samples": len(labels)}
 
 
-def _finish(
-    *,
-    protocol: str,
-    trainer: Trainer,
-    model_trainer: Trainer,
-    model_args: ModelArguments,
-    data_args: DataTrainingArguments,
-    training_args: ProtocolTrainingArguments,
-    data: ClassificationData,
-    info: dict[str, Any],
-    description: str,
-    push: bool,
-    eval_dataset: AnyDataset | None,
-    num_eval_examples: int | None,
-    ema: ModelEmaCallback | None = None,
-) -> dict[str, Any]:
-    """Train (resuming), evaluate (the raw and the EMA weights, with EMA), save the model, predictions, metrics and
-    card; push; end the process group. `trainer` trains; `model_trainer` holds the full classifier that is saved."""
-    output_dir = Path(training_args.output_dir)
-    metrics: dict[str, dict[str, Any]] = {}
-    if training_args.do_train:
-        checkpoint = _last_checkpoint(training_args)
-        if ema is not None and checkpoint is not None:
-            ema.resume_from(checkpoint)
-        metrics["train"] = trainer.train(resume_from_checkpoint=checkpoint).metrics
-        if data.num_train_examples is not None:
-            metrics["train"]["train_samples"] = data.num_train_examples
-        trainer.save_state()
-    if training_args.do_eval:
-        metrics["eval"] = {}
-        if ema is not None and training_args.do_train:
-            raw = trainer.predict(eval_dataset, metric_key_prefix="eval_without_ema").metrics
-            metrics["eval"].update({k: v for k, v in raw.items() if k.endswith(("top1", "top5", "loss"))})
-    if ema is not None and training_args.do_train:
-        # The saved model (and the headline eval_* numbers) hold the EMA weights.
-        trainer.model.load_state_dict(ema.ema.module.state_dict())
-    if training_args.do_eval:
-        prediction = trainer.predict(eval_dataset, metric_key_prefix="eval")
-        predictions, labels = _evaluated(prediction.predictions, prediction.label_ids, num_eval_examples)
-        metrics["eval"].update(prediction.metrics, eval_samples=len(labels))
-        _write_predictions(trainer, predictions, labels, output_dir / PREDICTIONS_FILE)
-    failures = trainer.accelerator.gather(torch.tensor([num_decode_failures()], device=training_args.device))
-    info = {**info, "decode_failures_per_process": failures.tolist()}
-    for split, split_metrics in metrics.items():
-        split_metrics.update(info)
-        trainer.log_metrics(split, {k: v for k, v in split_metrics.items() if not isinstance(v, list)})
-        trainer.save_metrics(split, split_metrics)
-    results = {k: v for split_metrics in metrics.values() for k, v in split_metrics.items()}
-    if training_args.do_train:
-        model_trainer.save_model()
-        if training_args.should_save:
-            _write_card(protocol, model_args, data_args, training_args, data, description, results)
-            if push:
-                hub.push_to_hub(output_dir, training_args.hub_model_id or output_dir.name,
-                                token=training_args.hub_token, private=training_args.hub_private_repo)
-    # What `Trainer.end()` does from transformers 5.18 on. Left to interpreter exit, a gloo worker thread still
-    # releasing the last collective's tensor aborts the process ("terminate called without an active exception").
+def log_and_save_metrics(trainer: Trainer, split: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Log `metrics` and save them to `{split}_results.json` and `all_results.json`, with each process's count of
+    images that failed to decode so far (a collective: every process must call it). Returns what was saved."""
+    failures = trainer.accelerator.gather(torch.tensor([num_decode_failures()], device=trainer.args.device))
+    metrics = {**metrics, "decode_failures_per_process": failures.tolist()}
+    trainer.log_metrics(split, {name: value for name, value in metrics.items() if not isinstance(value, list)})
+    trainer.save_metrics(split, metrics)
+    return metrics
+
+
+def end_process_group(trainer: Trainer) -> None:
+    """What `Trainer.end()` does from transformers 5.18 on. Left to interpreter exit, a gloo worker thread still
+    releasing the last collective's tensor aborts the process ("terminate called without an active exception")."""
     trainer.accelerator.end_training()
-    return results
 
 
-def _hub_id(name: str | None) -> str | None:
-    # Card metadata links Hub ids only, not local paths.
-    if name is None or name.startswith(("/", ".", "~")) or Path(name).exists():
-        return None
-    return name
+def describe_features(config) -> str:
+    return (f"{config.feature_input} image at t = {config.feature_timestep}, average-pooled output of "
+            f"{config.num_hidden_layers} encoder blocks")
 
 
-def _write_card(protocol, model_args, data_args, training_args, data, description, results) -> None:
+def write_classifier_card(protocol: str, description: str, model_args: ModelArguments,
+                          data_args: DataTrainingArguments, training_args: TrainingArguments, num_classes: int,
+                          results: dict[str, Any]) -> None:
+    """The output folder's README.md: Hub metadata, `description`, how to use it, results and arguments (no token)."""
     arguments = {**{k: v for k, v in asdict(model_args).items() if k != "token"}, **asdict(data_args),
                  **training_args.to_dict()}
     hub.write_model_card(
         training_args.output_dir,
         model_name=training_args.hub_model_id or Path(training_args.output_dir).name,
-        base_model=_hub_id(model_args.model_name_or_path),
-        datasets=_hub_id(data_args.dataset_name),
+        base_model=hub.hub_id(model_args.model_name_or_path),
+        datasets=hub.hub_id(data_args.dataset_name),
         pipeline_tag="image-classification",
         tags=["ldae", "vision", "image-classification", protocol.replace("_", "-")],
         description=f"{description}\n\nPre-trained checkpoint: `{model_args.model_name_or_path}`. Data: "
-        f"`{data_args.dataset_name or data_args.train_dir}` ({len(data.class_names)} classes). Usage: "
+        f"`{data_args.dataset_name or data_args.train_dir}` ({num_classes} classes). Usage: "
         '`pipeline("image-classification", model=...)` (import `modeling_ldae`, or pass `trust_remote_code=True`).',
         training_arguments=arguments,
         results={k: v for k, v in results.items() if k.endswith(CARD_RESULTS)},
     )
-
-
-def _features_description(config) -> str:
-    return (f"{config.feature_input} image at t = {config.feature_timestep}, average-pooled output of "
-            f"{config.num_hidden_layers} encoder blocks")
-
-
-def run_linear_probe(
-    model_args: ModelArguments, data_args: DataTrainingArguments, training_args: LinearProbeTrainingArguments
-) -> dict[str, Any]:
-    """MAE's linear probe: frozen backbone in eval mode, BatchNorm (no affine) + Linear head, LARS; augmented images
-    or, with `cache_features`, features extracted once. Returns the metrics (also in `all_results.json`); the
-    distributed process group is ended, as the run's last step."""
-    setup_logging(training_args)
-    push, training_args.push_to_hub = training_args.push_to_hub, False  # the Trainer would push every checkpoint
-    data = load_classification_data(data_args, model_args, training_args)
-    model = load_classifier(model_args, data.class_names, "linear_probe")
-    model.ldae.requires_grad_(False)
-    _set_schedule(training_args, data.num_train_examples, data_args.streaming)
-    size = model.config.image_size
-    processor = make_image_processor(size)
-    eval_collator = image_collator(eval_transform(size), data, training=False)
-    lars = build_lars(model, lr=training_args.learning_rate, weight_decay=training_args.weight_decay,
-                      momentum=training_args.lars_momentum, trust_coefficient=training_args.lars_trust_coefficient)
-    mode = "cached_features" if training_args.cache_features else "augmented"
-    image_trainer = ClassificationTrainer(
-        model=model,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        data_collator=image_collator(probe_train_transform(size), data, training=True),
-        eval_data_collator=eval_collator,
-        optimizers=(lars, None),
-        frozen_backbone=True,
-        **_trainer_kwargs(training_args, processor, data.num_eval_examples),
-    )
-    trainer, eval_dataset, num_eval_examples = image_trainer, data.eval, data.num_eval_examples
-    if training_args.cache_features:
-        train_features = eval_dataset = None
-        if training_args.do_train:
-            train_features = extract_features(image_trainer, data.train, data.num_train_examples)
-        if training_args.do_eval:
-            eval_dataset = extract_features(image_trainer, data.eval, data.num_eval_examples)
-            num_eval_examples = None  # exactly the evaluation examples
-        trainer = feature_probe_trainer(FeatureHead.of(model), train_features, eval_dataset, training_args, lars,
-                                        processor)
-    description = (
-        f"Linear probe (MAE protocol, {mode.replace('_', ' ')}) of a frozen l-DAE encoder: "
-        f"{_features_description(model.config)}; BatchNorm without affine + Linear head trained with LARS "
-        f"(lr {training_args.learning_rate:g}, batch {training_args.global_batch_size}, "
-        f"{training_args.num_train_epochs:g} epochs, {training_args.warmup_epochs:g} warm-up, cosine). "
-        + ("Features were extracted once from center crops, without augmentation."
-           if training_args.cache_features else "Training images: random resized crop + flip.")
-    )
-    return _finish(protocol="linear_probe", trainer=trainer, model_trainer=image_trainer, model_args=model_args,
-                   data_args=data_args, training_args=training_args, data=data,
-                   info={"protocol": "linear_probe", "probe_mode": mode}, description=description, push=push,
-                   eval_dataset=eval_dataset, num_eval_examples=num_eval_examples)
-
-
-def run_finetune(
-    model_args: ModelArguments, data_args: DataTrainingArguments, training_args: FineTuneTrainingArguments
-) -> dict[str, Any]:
-    """MAE's end-to-end fine-tuning of the merged model: LayerNorm + Linear head, layer-wise lr decay, AdamW, drop
-    path, RandAugment, random erasing, MixUp/CutMix with soft-target cross-entropy, EMA (saved). Returns the metrics;
-    the distributed process group is ended, as the run's last step."""
-    setup_logging(training_args)
-    push, training_args.push_to_hub = training_args.push_to_hub, False  # the Trainer would push every checkpoint
-    data = load_classification_data(data_args, model_args, training_args)
-    model = load_classifier(model_args, data.class_names, "fine_tune", drop_path_rate=training_args.drop_path_rate)
-    if not model.config.time_conditioning_merged:
-        model.merge_time_conditioning()
-    _set_schedule(training_args, data.num_train_examples, data_args.streaming)
-    layer_decay = training_args.layer_decay or default_layer_decay(model.config)
-    optimizer = torch.optim.AdamW(
-        layer_decay_param_groups(model, training_args.learning_rate, training_args.weight_decay, layer_decay),
-        lr=training_args.learning_rate,
-        betas=(training_args.adam_beta1, training_args.adam_beta2),
-        eps=training_args.adam_epsilon,
-    )
-    mixup = None
-    if training_args.mixup_alpha > 0 or training_args.cutmix_alpha > 0:
-        mixup = Mixup(mixup_alpha=training_args.mixup_alpha, cutmix_alpha=training_args.cutmix_alpha,
-                      label_smoothing=training_args.label_smoothing_factor, num_classes=len(data.class_names))
-    ema = ModelEmaCallback(training_args.model_ema_decay) if training_args.model_ema else None
-    size = model.config.image_size
-    trainer = ClassificationTrainer(
-        model=model,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        data_collator=image_collator(
-            finetune_train_transform(size, training_args.rand_augment, training_args.random_erasing), data,
-            training=True,
-        ),
-        eval_data_collator=image_collator(eval_transform(size), data, training=False),
-        optimizers=(optimizer, None),
-        # Without MixUp/CutMix the Trainer's own label smoothing applies to class ids.
-        compute_loss_func=soft_target_cross_entropy if mixup is not None else None,
-        mixup=mixup,
-        callbacks=[ema] if ema is not None else None,
-        **_trainer_kwargs(training_args, make_image_processor(size), data.num_eval_examples),
-    )
-    description = (
-        f"End-to-end fine-tuning (MAE protocol) of an l-DAE encoder, time conditioning merged at "
-        f"t = {model.config.merged_timestep}: {_features_description(model.config)}; LayerNorm + Linear head. AdamW "
-        f"(lr {training_args.learning_rate:g}, batch {training_args.global_batch_size}, weight decay "
-        f"{training_args.weight_decay:g}), layer decay {layer_decay:g}, {training_args.num_train_epochs:g} epochs, "
-        f"{training_args.warmup_epochs:g} warm-up, cosine; drop path {training_args.drop_path_rate:g}, RandAugment "
-        f"{training_args.rand_augment}, random erasing {training_args.random_erasing:g}, MixUp "
-        f"{training_args.mixup_alpha:g} / CutMix {training_args.cutmix_alpha:g}, label smoothing "
-        f"{training_args.label_smoothing_factor:g}"
-        + (f", EMA {training_args.model_ema_decay:g}: the saved weights are the EMA (eval_*; eval_without_ema_* "
-           "are the raw weights)." if ema is not None else ".")
-    )
-    return _finish(protocol="fine_tune", trainer=trainer, model_trainer=trainer, model_args=model_args,
-                   data_args=data_args, training_args=training_args, data=data,
-                   info={"protocol": "fine_tune", "model_ema": training_args.model_ema}, description=description,
-                   push=push, eval_dataset=data.eval, num_eval_examples=data.num_eval_examples, ema=ema)

@@ -169,7 +169,9 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory, cifar_images: list[PIL.I
 
 
 @pytest.mark.parametrize(("streaming", "num_workers"), [(False, 0), (True, 0), (False, 1)])
-def test_image_folder_skips_corrupt_jpeg(image_dir: Path, datasets_cache: str, streaming: bool, num_workers: int) -> None:
+def test_image_folder_skips_corrupt_jpeg(
+    image_dir: Path, datasets_cache: str, streaming: bool, num_workers: int
+) -> None:
     assert data.available_splits(train_dir=image_dir) == ["train"]  # a folder without split names is one split
     dataset = data.load_image_dataset(train_dir=image_dir, streaming=streaming, cache_dir=datasets_cache)
     assert dataset.features["label"].names == ["cat", "ship"]

@@ -14,7 +14,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-from conftest import write_cifar_subset
+from conftest import recording_hub, write_cifar_subset
 from modeling_ldae import LDAEConfig, LDAEForImageClassification
 from modeling_ldae.classification import ClassificationTrainer, FineTuneTrainingArguments, soft_target_cross_entropy
 from modeling_ldae.data import decode_image
@@ -44,13 +44,17 @@ def finetune_argv(checkpoint: Path, data: Path, output_dir: Path, *extra: str) -
 
 
 @pytest.fixture(scope="module")
-def finetune_run(tiny_checkpoint, cifar_small, tmp_path_factory) -> tuple[Path, dict]:
+def finetune_run(tiny_checkpoint, cifar_small, tmp_path_factory) -> tuple[Path, dict, list]:
+    """The fine-tuning run, pushed to the recording fake of the Hub; its calls come third."""
     output_dir = tmp_path_factory.mktemp("finetune") / "out"
-    return output_dir, main(finetune_argv(tiny_checkpoint, cifar_small, output_dir))
+    with recording_hub() as hub_calls:
+        results = main(finetune_argv(tiny_checkpoint, cifar_small, output_dir, "--push_to_hub", "--hub_model_id",
+                                     "someone/ldae-tiny-finetuned"))
+    return output_dir, results, hub_calls
 
 
 def test_layer_decay_is_each_groups_effective_lr(finetune_run):
-    output_dir, _ = finetune_run
+    output_dir, _, _ = finetune_run
     model = LDAEForImageClassification.from_pretrained(output_dir)
     depth = model.config.num_hidden_layers
     names = {id(p): n for n, p in model.named_parameters()}
@@ -75,7 +79,7 @@ def test_layer_decay_is_each_groups_effective_lr(finetune_run):
 
 
 def test_saved_model_is_merged_single_label_with_ema_weights(finetune_run):
-    output_dir, results = finetune_run
+    output_dir, results, _ = finetune_run
     config = LDAEConfig.from_pretrained(output_dir)
     assert config.time_conditioning_merged and config.merged_timestep == config.feature_timestep
     assert config.classifier_head == "fine_tune" and config.drop_path_rate == 0.1
@@ -93,11 +97,21 @@ def test_saved_model_is_merged_single_label_with_ema_weights(finetune_run):
         assert 0 <= stored[name] == results[name] <= 1
     predictions = [json.loads(line) for line in (output_dir / "eval_predictions.jsonl").read_text().splitlines()]
     assert results["eval_top1"] == pytest.approx(np.mean([p["top5"][0] == p["label"] for p in predictions]))
-    assert "- fine-tune" in (output_dir / "README.md").read_text()
+
+
+def test_push_uploads_our_card_and_the_model_without_checkpoints(finetune_run):
+    _, results, hub_calls = finetune_run
+    (_, create), (_, upload) = hub_calls[1:]
+    assert create["repo_id"] == upload["repo_id"] == "someone/ldae-tiny-finetuned"
+    assert "README.md" in upload["files"] and "model.safetensors" in upload["files"]
+    assert not [name for name in upload["files"] if "checkpoint-" in name]
+    card = (Path(upload["folder_path"]) / "README.md").read_text()
+    assert "- fine-tune" in card and "End-to-end fine-tuning (MAE protocol)" in card
+    assert f"| eval_without_ema_top1 | {results['eval_without_ema_top1']:.4f} |" in card
 
 
 def test_output_folder_works_in_pipeline(finetune_run, cifar_small):
-    output_dir, _ = finetune_run
+    output_dir, _, _ = finetune_run
     rows = pq.read_table(cifar_small / "test-00000-of-00001.parquet").slice(0, 16).to_pylist()
     images = [decode_image(row["img"]) for row in rows]
     predicted = [result[0]["label"] for result in pipeline("image-classification", model=str(output_dir))(images)]
@@ -149,13 +163,27 @@ def test_streamed_finetune_counts_steps_from_epochs(tiny_checkpoint, cifar_small
     assert "eval_without_ema_top1" not in results
 
 
+def test_argument_file_gives_required_flags_and_later_flags_override_it(tiny_checkpoint, cifar_small, tmp_path):
+    # Evaluation only: the file alone must get past argparse's check of --model_name_or_path.
+    arguments = tmp_path / "finetune.json"
+    arguments.write_text(json.dumps({
+        "model_name_or_path": str(tiny_checkpoint), "dataset_name": str(cifar_small),
+        "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"), "do_eval": True,
+        "max_eval_samples": 8, "per_device_eval_batch_size": 16, "dataloader_pin_memory": False, "disable_tqdm": True,
+    }))
+    results = main([str(arguments), "--max_eval_samples", "16"])
+    assert results["eval_samples"] == 16 and results["protocol"] == "fine_tune"
+    assert "eval_without_ema_top1" not in results  # nothing trained: no EMA to compare
+
+
 def test_non_ldae_checkpoint_is_one_line(cifar_small, tmp_path, capsys):
     from transformers import ViTConfig
 
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
         tmp_path / "vit")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(finetune_argv(tmp_path / "vit", cifar_small, tmp_path / "out"))
+    assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert errors == [f"run_finetune.py: error: --model_name_or_path '{tmp_path / 'vit'}' is a 'vit' checkpoint "
                       "(ViTConfig), not an l-DAE one (model_type 'ldae'): pass an l-DAE pre-training or "

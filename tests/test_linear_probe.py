@@ -15,12 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from huggingface_hub import RepoUrl
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, pipeline
 
-from conftest import write_cifar_subset
-from modeling_ldae import LDAEConfig, LDAEForImageClassification, LDAEForPreTraining, hub
+from conftest import recording_hub, write_cifar_subset
+from modeling_ldae import LDAEConfig, LDAEForImageClassification, LDAEForPreTraining
 from modeling_ldae.data import decode_image
 from modeling_ldae.optim import steps_from_epochs
 from run_linear_probe import main
@@ -55,37 +54,19 @@ def read_predictions(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "eval_predictions.jsonl").read_text().splitlines()]
 
 
-class RecordingHfApi:
-    """Stands in for `huggingface_hub.HfApi` at the network boundary and records what would be uploaded."""
-
-    calls: list[tuple[str, dict]] = []
-
-    def __init__(self, token=None):
-        self.token = token
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs))
-
-
 @pytest.fixture(scope="module")
 def cifar_small(cifar10_dir, tmp_path_factory) -> Path:
     return write_cifar_subset(cifar10_dir, tmp_path_factory.mktemp("cifar_small"), NUM_TRAIN, NUM_EVAL)
 
 
 @pytest.fixture(scope="module")
-def probe_run(tiny_checkpoint, cifar_small, tmp_path_factory) -> tuple[Path, dict]:
-    """The augmented probe, pushed to a recording fake of the Hub."""
+def probe_run(tiny_checkpoint, cifar_small, tmp_path_factory) -> tuple[Path, dict, list]:
+    """The augmented probe, pushed to the recording fake of the Hub; its calls come third."""
     output_dir = tmp_path_factory.mktemp("probe") / "out"
-    RecordingHfApi.calls = []
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(hub, "HfApi", RecordingHfApi)
+    with recording_hub() as hub_calls:
         results = main(probe_argv(tiny_checkpoint, cifar_small, output_dir,
                                   "--push_to_hub", "--hub_model_id", "someone/ldae-tiny-probe"))
-    return output_dir, results
+    return output_dir, results, hub_calls
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +76,7 @@ def cached_run(tiny_checkpoint, cifar_small, tmp_path_factory) -> tuple[Path, di
 
 
 def test_probe_trains_only_the_head(probe_run, tiny_checkpoint):
-    output_dir, results = probe_run
+    output_dir, results, _ = probe_run
     pretrained = load_file(tiny_checkpoint / "model.safetensors")
     probed = load_file(output_dir / "model.safetensors")
     config = LDAEConfig.from_pretrained(output_dir)
@@ -117,7 +98,7 @@ def test_probe_trains_only_the_head(probe_run, tiny_checkpoint):
 
 
 def test_lars_adapts_the_head_update(probe_run):
-    output_dir, _ = probe_run
+    output_dir, _, _ = probe_run
     after = load_file(output_dir / "checkpoint-1" / "model.safetensors")["classifier.weight"]
     optimizer = torch.load(output_dir / "checkpoint-1" / "optimizer.pt", weights_only=False)
     assert torch.load(output_dir / "checkpoint-1" / "scheduler.pt")["base_lrs"] == pytest.approx([LR, LR])
@@ -132,7 +113,7 @@ def test_lars_adapts_the_head_update(probe_run):
 
 
 def test_reported_accuracy_is_the_saved_predictions(probe_run, cached_run):
-    for output_dir, results in (probe_run, cached_run):
+    for output_dir, results in (probe_run[:2], cached_run):
         predictions = read_predictions(output_dir)
         assert len(predictions) == NUM_EVAL == results["eval_samples"]
         top1 = sum(p["top5"][0] == p["label"] for p in predictions) / len(predictions)
@@ -142,7 +123,7 @@ def test_reported_accuracy_is_the_saved_predictions(probe_run, cached_run):
 
 
 def test_output_folder_works_in_pipeline(probe_run, cifar_small):
-    output_dir, _ = probe_run
+    output_dir, _, _ = probe_run
     images, _ = eval_images(cifar_small, 16)
     classifier = pipeline("image-classification", model=str(output_dir), device="cpu")
     predicted = [result[0]["label"] for result in classifier(images)]
@@ -154,15 +135,19 @@ def test_output_folder_works_in_pipeline(probe_run, cifar_small):
     assert predicted == [model.config.id2label[i] for i in logits.argmax(-1).tolist()]
 
 
-def test_model_card_and_upload(probe_run):
-    output_dir, _ = probe_run
-    card = (output_dir / "README.md").read_text()
+def test_push_uploads_our_card_and_the_model_without_checkpoints(probe_run):
+    _, results, hub_calls = probe_run
+    assert [name for name, _ in hub_calls] == ["init", "create_repo", "upload_folder"]
+    upload = hub_calls[-1][1]
+    assert upload["repo_id"] == hub_calls[1][1]["repo_id"] == "someone/ldae-tiny-probe"
+    assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json", "all_results.json",
+            "eval_predictions.jsonl"} <= set(upload["files"])
+    assert not [name for name in upload["files"] if "checkpoint-" in name]
+    # The uploaded README.md is the probe's card, not one the Trainer generated over it.
+    card = (Path(upload["folder_path"]) / "README.md").read_text()
     assert "pipeline_tag: image-classification" in card and "- linear-probe" in card
-    assert "augmented" in card and "| eval_top1 |" in card
-    (name, create), (_, upload) = RecordingHfApi.calls
-    assert name == "create_repo" and create["repo_id"] == "someone/ldae-tiny-probe"
-    assert upload["repo_id"] == "someone/ldae-tiny-probe" and Path(upload["folder_path"]) == output_dir
-    assert "checkpoint*" in upload["ignore_patterns"]
+    assert "Linear probe (MAE protocol, augmented)" in card
+    assert f"| eval_top1 | {results['eval_top1']:.4f} |" in card
 
 
 def test_cached_features_same_head_and_saved_model(cached_run, probe_run, tiny_checkpoint, cifar_small):
@@ -293,10 +278,14 @@ def _bad_checkpoint(kind: str, tiny_checkpoint: Path, folder: Path) -> Path:
         ("no_labels", None, [], r"No label column found among \['label', 'labels', 'cls'\]; the data set has "
                                 r"columns \['img'\]"),
         ("cifar", None, ["--label_column_name", "fine_label"], r"label column 'fine_label' not found"),
-        ("string_labels", None, [], r"Label column 'label' of the training split has type .*string.*, not integer "
-                                    r"class ids"),
+        ("string_labels", None, [], r"Label column 'label' has type .*string.*, not integer class ids.*"
+                                    r"\(--label_column_name\)"),
         ("unlabelled", None, [], r"holds -1, not a class id in \[0, 10\)"),
-        ("empty", None, [], r"is empty: it holds no examples"),
+        ("empty", None, [], r"The split '(train|test)' of .* is empty"),
+        ("cifar", None, ["--streaming"], r"does not tell its size .* pass --max_steps"),
+        ("cifar", None, ["--max_train_samples", "0"], r"--max_train_samples 0 leaves no examples"),
+        ("cifar", None, ["--push_to_hub", "--hub_model_id", "me/a b"],
+         r"--hub_model_id 'me/a b' is not a valid Hub repository id"),
         ("cifar", "vit", [], r"is a 'vit' checkpoint \(ViTConfig\), not an l-DAE one"),
         ("cifar", "unfitted_pca", ["--feature_input", "pca"], r"feature_input='pca' needs the checkpoint's PCA"),
         ("cifar", "three_classes", [], r"has num_labels = 3, but the data has 10 classes"),
@@ -316,6 +305,19 @@ def test_bad_input_is_one_line_before_training(
     assert len(errors) == 1, errors
     assert re.search(message, errors[0]), errors[0]
     assert not output_dir.exists() or not any(output_dir.iterdir())
+
+
+def test_argument_file_gives_required_flags_and_later_flags_override_it(tiny_checkpoint, cifar_small, tmp_path):
+    # Evaluation only: the file alone must get past argparse's check of --model_name_or_path.
+    arguments = tmp_path / "probe.yaml"
+    arguments.write_text(
+        f"model_name_or_path: {tiny_checkpoint}\ndataset_name: {cifar_small}\noutput_dir: {tmp_path / 'out'}\n"
+        f"cache_dir: {tmp_path / 'cache'}\ndo_eval: true\nmax_eval_samples: 8\nper_device_eval_batch_size: 16\n"
+        "dataloader_pin_memory: false\ndisable_tqdm: true\n"
+    )
+    results = main([str(arguments), "--max_eval_samples", "16"])
+    assert results["eval_samples"] == len(read_predictions(tmp_path / "out")) == 16
+    assert "train_samples" not in results
 
 
 def test_processes_that_did_not_join_are_refused(tiny_checkpoint, cifar_small, tmp_path, monkeypatch, capsys):
