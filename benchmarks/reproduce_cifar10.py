@@ -14,7 +14,7 @@ a hand-written reading below its marker line survives regeneration. Run it on an
 budgets come from calibration rates, which other load distorts (the report lists every run's real wall clock).
 
 The GPU recipe: `--device cuda` pre-trains in bf16 one run at a time (4 decoding workers), extracts features on the
-GPU and writes `docs/results/cifar10-gpu.md`; its calibration measures how many more images the same
+GPU (in fp32) and writes `docs/results/cifar10-gpu.md`; its calibration measures how many more images the same
 `--budget_minutes` buys there.
 
 The regime (why these sizes): 32 px images with 8 x 8 patches give 16 tokens and D = 192 values per patch, large
@@ -190,10 +190,9 @@ def load_cifar10(data_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
     return splits
 
 
-@torch.inference_mode()
-def encode(encoder, images: torch.Tensor, device: str, batch_size: int = 500) -> torch.Tensor:
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-        return torch.cat([encoder(batch.to(device)).float().cpu() for batch in images.split(batch_size)])
+def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500):
+    return ({"pixel_values": pixels, "labels": batch_labels}
+            for pixels, batch_labels in zip(images.split(batch_size), labels.split(batch_size)))
 
 
 def ldae_encoder(checkpoint_or_model, device: str, **config_overrides):
@@ -245,13 +244,16 @@ class Study:
         if key in self.results:
             return self.results[key]
         from modeling_ldae.classification import linear_probe_on_features
+        from modeling_ldae.features import extract_features
         from modeling_ldae.knn import knn_top1
 
         encoder = make_encoder()
         (train_images, train_labels), (test_images, test_labels) = self.data["train"], self.data["test"]
         start = time.time()
-        train_features, test_features = (encode(encoder, images, self.args.device)
-                                         for images in (train_images, test_images))
+        # fp32 on every device: bf16 would take an Accelerator, whose process-wide state each probe's
+        # TrainingArguments resets; 60k images of 32 px are cheap to encode in fp32.
+        train_features, _ = extract_features(encoder, batches(train_images, train_labels), device=self.args.device)
+        test_features, _ = extract_features(encoder, batches(test_images, test_labels), device=self.args.device)
         probe = linear_probe_on_features(train_features, train_labels, test_features, test_labels,
                                          output_dir=self.output_dir / "probes" / key, num_labels=10,
                                          num_train_epochs=self.args.probe_epochs,
@@ -418,7 +420,8 @@ class Report:
             f"Command: `python benchmarks/reproduce_cifar10.py --budget_minutes {self.args.budget_minutes:g} "
             f"--seeds {self.args.seeds} --probe_epochs {self.args.probe_epochs}"
             f"{' --noisy_t_sweep' if self.args.noisy_t_sweep else ''}{' --device cuda' if self.args.device == 'cuda' else ''}`  ",
-            (f"Machine: {torch.cuda.get_device_name()}, one run at a time, bf16 autocast; torch {torch.__version__}.  "
+            (f"Machine: {torch.cuda.get_device_name()}, one run at a time, bf16 autocast (features in fp32); "
+             f"torch {torch.__version__}.  "
              if self.args.device == "cuda" else
              f"Machine: {cpu}, {os.cpu_count()} cores; {self.args.parallel_runs} pre-training runs side by side, one "
              f"thread each; torch {torch.__version__}, fp32.  "),
