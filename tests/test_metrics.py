@@ -87,3 +87,21 @@ def test_trainer_hooks(tmp_path):
     metrics = trainer.evaluate()
     assert metrics["eval_top1"] == pytest.approx(_direct_topk(logits, labels, 1))
     assert metrics["eval_top5"] == pytest.approx(_direct_topk(logits, labels, 5))
+
+
+def test_classifier_metrics_score_only_the_evaluation_examples():
+    """The scripts' `compute_metrics` leaves out images that failed to decode (labelled IGNORED_LABEL) and the repeats
+    that pad a stream's last batch across processes (they come after the first `num_examples`)."""
+    from modeling_ldae.classification import topk_metrics
+    from modeling_ldae.data import IGNORED_LABEL
+
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((40, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, 40)
+    labels[[3, 17]] = IGNORED_LABEL
+    padded_logits, padded_labels = np.concatenate([logits, logits[:6]]), np.concatenate([labels, labels[:6]])
+    predictions = preprocess_logits_for_metrics(torch.from_numpy(padded_logits), torch.from_numpy(padded_labels))
+    result = topk_metrics(num_examples=40)(EvalPrediction(predictions=predictions.numpy(), label_ids=padded_labels))
+    keep = labels != IGNORED_LABEL
+    assert result["top1"] == pytest.approx(_direct_topk(logits[keep], labels[keep], 1))
+    assert result["top5"] == pytest.approx(_direct_topk(logits[keep], labels[keep], 5))

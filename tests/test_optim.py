@@ -1,4 +1,4 @@
-"""Parameter groups (weight decay, layer decay under the transformers cosine schedule) and LARS."""
+"""Parameter groups (weight decay, layer decay under the transformers cosine schedule), LARS and schedule lengths."""
 
 import math
 
@@ -7,7 +7,14 @@ import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from modeling_ldae.optim import adamw_param_groups, build_lars, layer_decay_param_groups, steps_from_epochs
+from modeling_ldae.cli import InputError
+from modeling_ldae.optim import (
+    adamw_param_groups,
+    build_lars,
+    layer_decay_param_groups,
+    schedule_lengths,
+    steps_from_epochs,
+)
 
 NUM_BLOCKS = 3
 
@@ -136,3 +143,19 @@ def test_steps_from_epochs_counts_partial_batches():
     assert steps_from_epochs(50_000, 1024, 90) == math.ceil(50_000 / 1024) * 90
     assert steps_from_epochs(50_000, 1024, 0.5) == 25
     assert steps_from_epochs(2048, 1024, 100 * 0.07) == 14
+
+
+def test_schedule_lengths_count_epochs_unless_steps_are_given():
+    # 1000 examples at a global batch of 64: 16 steps per epoch, the last one partial.
+    assert schedule_lengths(1000, 64, num_train_epochs=2, warmup_epochs=0.5) == (32, 8)
+    assert schedule_lengths(1000, 64, num_train_epochs=2, max_steps=10, warmup_epochs=0.5) == (10, 8)
+    assert schedule_lengths(1000, 64, num_train_epochs=2, warmup_epochs=0.5, warmup_steps=3) == (32, 3)
+    assert schedule_lengths(1000, 64, num_train_epochs=1, warmup_epochs=5) == (16, 16)  # never past the end
+    assert schedule_lengths(1000, 64, num_train_epochs=2) == (32, 0)
+
+
+def test_schedule_lengths_of_a_stream_of_unknown_size():
+    # The warm-up is the same fraction of the given steps as of the epochs.
+    assert schedule_lengths(None, 64, num_train_epochs=4, max_steps=100, warmup_epochs=1) == (100, 25)
+    with pytest.raises(InputError, match=r"pass --max_steps, or the number of training examples"):
+        schedule_lengths(None, 64, num_train_epochs=4)
