@@ -285,8 +285,12 @@ def load_classifier(
     model_args: ModelArguments, class_names: list[str], classifier_head: str, **config_overrides
 ) -> LDAEForImageClassification:
     """An `LDAEForImageClassification` for `class_names` from any l-DAE checkpoint; `InputError` on a checkpoint that
-    is not l-DAE, a class count the data disagrees with, or a feature mode whose PCA the checkpoint lacks."""
+    cannot be loaded or is not l-DAE, a class count the data disagrees with, or a feature mode whose PCA the
+    checkpoint lacks."""
     path = model_args.model_name_or_path
+    if hub.hub_id(path) is None and not Path(path).expanduser().is_dir():
+        raise InputError(f"--model_name_or_path {path!r} is not a checkpoint folder (nor a Hub id): pass the folder "
+                         "that run_pretrain.py or a Trainer script wrote, or a Hub id.")
     hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision,
                   "token": model_args.token, "trust_remote_code": model_args.trust_remote_code}
     with _checkpoint_errors(path):

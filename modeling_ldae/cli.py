@@ -47,7 +47,12 @@ def parse_arguments(parser: HfArgumentParser, argv: list[str] | None = None) -> 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         argv = file_arguments(Path(argv[0]), parser) + argv[1:]
-    return parser.parse_args_into_dataclasses(args=_renamed(argv, parser))
+    try:
+        return parser.parse_args_into_dataclasses(args=_renamed(argv, parser))
+    except InputError:
+        raise
+    except ValueError as error:  # a dataclass's __post_init__ refusing the flags, as TrainingArguments does
+        raise InputError(" ".join(str(error).split())) from None
 
 
 def file_arguments(path: Path, parser: HfArgumentParser) -> list[str]:

@@ -267,7 +267,7 @@ def _bad_checkpoint(kind: str, tiny_checkpoint: Path, folder: Path) -> Path:
         LDAEForPreTraining(LDAEConfig.from_preset("ldae-tiny")).save_pretrained(folder)
     elif kind == "three_classes":
         LDAEForImageClassification(LDAEConfig.from_preset("ldae-tiny", num_labels=3)).save_pretrained(folder)
-    else:
+    elif kind != "missing":
         return tiny_checkpoint
     return folder
 
@@ -289,6 +289,9 @@ def _bad_checkpoint(kind: str, tiny_checkpoint: Path, folder: Path) -> Path:
         ("cifar", "vit", [], r"is a 'vit' checkpoint \(ViTConfig\), not an l-DAE one"),
         ("cifar", "unfitted_pca", ["--feature_input", "pca"], r"feature_input='pca' needs the checkpoint's PCA"),
         ("cifar", "three_classes", [], r"has num_labels = 3, but the data has 10 classes"),
+        ("cifar", "missing", [], r"--model_name_or_path '.*checkpoint' is not a checkpoint folder"),
+        ("cifar", None, ["--load_best_model_at_end", "true", "--eval_strategy", "steps", "--save_strategy", "epoch"],
+         r"--load_best_model_at_end requires the save and eval strategy to match"),
         ("cifar", None, ["--do_train", "false", "--do_eval", "false"], r"Nothing to do"),
     ],
 )
