@@ -3,6 +3,7 @@ decay under the Trainer's schedule, MixUp/CutMix soft targets, EMA (saved) and b
 streaming."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,20 @@ def test_non_ldae_checkpoint_is_one_line(cifar_small, tmp_path, capsys):
     assert errors == [f"run_finetune.py: error: --model_name_or_path '{tmp_path / 'vit'}' is a 'vit' checkpoint "
                       "(ViTConfig), not an l-DAE one (model_type 'ldae'): pass an l-DAE pre-training or "
                       "classification checkpoint."]
+
+
+@pytest.mark.parametrize(
+    ("file_text", "message"),
+    [("learning_rate_typo: 0.1\n", r"unknown argument\(s\) learning_rate_typo; see `run_finetune.py --help`"),
+     ("- model_name_or_path\n", r"holds a list, not a mapping of argument names to values"),
+     ("model_name_or_path: [unclosed\n", r"is not valid YAML/JSON .*: fix the file")],
+)
+def test_bad_argument_file_is_one_line(file_text, message, tmp_path, capsys):
+    arguments = tmp_path / "finetune.yaml"
+    arguments.write_text(file_text)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(arguments)])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("run_finetune.py: error: ")
+    assert re.search(message, errors[0]), errors[0]
