@@ -14,14 +14,21 @@ from .modeling_ldae import patchify
 
 
 class PatchPCAAccumulator:
-    """Running float64 sums (count, sum x, sum x x^T) over patches of dimension D = p * p * C."""
+    """Running float64 sums (count, sum x, sum x x^T) over patches of dimension D = p * p * C. With `num_channels`
+    None, C is read from the first batch (every batch carries it); given, each batch is checked against it."""
 
-    def __init__(self, patch_size: int, num_channels: int = 3, device: torch.device | str = "cpu"):
-        self.patch_size = patch_size
-        dim = patch_size * patch_size * num_channels
+    def __init__(self, patch_size: int, num_channels: int | None = None, device: torch.device | str = "cpu"):
+        self.patch_size, self.num_channels, self.device = patch_size, num_channels, device
         self.count = torch.zeros((), dtype=torch.float64, device=device)
-        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.sum = self.outer = None
+        if num_channels is not None:
+            self._allocate(num_channels)
+
+    def _allocate(self, num_channels: int):
+        dim = self.patch_size * self.patch_size * num_channels
+        self.num_channels = num_channels
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=self.device)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
 
     def update(self, images: torch.Tensor, num_patches_per_image: int | None = None,
                generator: torch.Generator | None = None):
@@ -31,10 +38,12 @@ class PatchPCAAccumulator:
                 f"fit_patch_pca: an image batch has shape {tuple(images.shape)}, expected (batch, C, H, W) with H and "
                 f"W divisible by patch_size {self.patch_size}."
             )
+        if self.num_channels is None:
+            self._allocate(images.shape[1])
+        if images.shape[1] != self.num_channels:
+            raise ValueError(f"fit_patch_pca: an image batch has {images.shape[1]} channels, expected "
+                             f"{self.num_channels} (from num_channels or the first batch): use one channel count.")
         patches = patchify(images.to(self.sum.device, torch.float64), self.patch_size)
-        if patches.shape[-1] != self.sum.shape[0]:
-            raise ValueError(f"fit_patch_pca: patches have {patches.shape[-1]} values, expected {self.sum.shape[0]} "
-                             "(check num_channels).")
         if num_patches_per_image is not None and num_patches_per_image < patches.shape[1]:
             scores = torch.rand(patches.shape[:2], generator=generator).to(patches.device)
             keep = scores.argsort(dim=1)[:, :num_patches_per_image]
@@ -46,6 +55,9 @@ class PatchPCAAccumulator:
 
     def reduce(self, sum_across_processes: Callable[[torch.Tensor], torch.Tensor]):
         """Replace the sums by their totals over all processes, e.g. `lambda t: accelerator.reduce(t, "sum")`."""
+        if self.sum is None:
+            raise ValueError("fit_patch_pca: this process saw no images, so its channel count is unknown: pass "
+                             "num_channels when a process may get no data.")
         self.count, self.sum, self.outer = (sum_across_processes(t) for t in (self.count, self.sum, self.outer))
 
     def finalize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,7 +77,7 @@ class PatchPCAAccumulator:
 def fit_patch_pca(
     images: Iterable[torch.Tensor],
     patch_size: int,
-    num_channels: int = 3,
+    num_channels: int | None = None,
     num_patches_per_image: int | None = None,
     max_patches: int | None = None,
     generator: torch.Generator | None = None,
@@ -74,6 +86,7 @@ def fit_patch_pca(
     """Fit the patch-wise PCA over an iterable of (batch, C, H, W) float tensors in the model's pixel space.
 
     Args:
+        num_channels: C of the images; read from the first batch if None.
         num_patches_per_image: random patches kept per image (all if None).
         max_patches: stop once this many patches (per process) were accumulated.
         sum_across_processes: adds a tensor over processes (e.g. `lambda t: accelerator.reduce(t, "sum")`), so each

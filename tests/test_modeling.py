@@ -128,6 +128,20 @@ def test_pca_accumulators_sum_across_processes_and_subsample(cifar10_train_image
     assert int(sampled.count) == 128 * 3
 
 
+def test_pca_reads_the_channel_count_from_the_data(cifar10_train_images):
+    gray = cifar10_train_images[0][:64].mean(1, keepdim=True)  # a 1-channel data set
+    mean, components, eigenvalues = fit_patch_pca(gray.split(32), patch_size=8)
+    assert mean.shape == (64,) and components.shape == (64, 64)
+    torch.testing.assert_close(eigenvalues, fit_patch_pca([gray], patch_size=8, num_channels=1)[2])
+    with pytest.raises(ValueError, match="batch has 3 channels, expected 1"):
+        fit_patch_pca([gray, cifar10_train_images[0][:4]], patch_size=8)
+    with pytest.raises(ValueError, match="batch has 1 channels, expected 3"):
+        fit_patch_pca([gray], patch_size=8, num_channels=3)
+    model = LDAEModel(tiny_config(num_channels=1))
+    model.set_pca(mean, components, eigenvalues)
+    assert model(gray[:2]).last_hidden_state.shape == (2, 16, 32)
+
+
 def test_set_pca_validates(pca):
     model = LDAEModel(tiny_config())
     mean, components, eigenvalues = pca
