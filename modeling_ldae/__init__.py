@@ -1,6 +1,7 @@
 """l-DAE for `transformers`: importing this package registers the model with the Auto classes."""
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoModel,
     AutoModelForImageClassification,
@@ -9,6 +10,7 @@ from transformers import (
 
 from .configuration_ldae import PRESETS, LDAEConfig
 from .modeling_ldae import (
+    LDAEBackbone,
     LDAEForImageClassification,
     LDAEForPreTraining,
     LDAEForPreTrainingOutput,
@@ -24,12 +26,14 @@ AUTO_CLASSES = {
     "AutoModel": LDAEModel,
     "AutoModelForPreTraining": LDAEForPreTraining,
     "AutoModelForImageClassification": LDAEForImageClassification,
+    "AutoBackbone": LDAEBackbone,
 }
 
 AutoConfig.register(LDAEConfig.model_type, LDAEConfig, exist_ok=True)
 AutoModel.register(LDAEConfig, LDAEModel, exist_ok=True)
 AutoModelForPreTraining.register(LDAEConfig, LDAEForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(LDAEConfig, LDAEForImageClassification, exist_ok=True)
+AutoBackbone.register(LDAEConfig, LDAEBackbone, exist_ok=True)
 
 # `save_pretrained` copies the flat code files and writes `auto_map`, so checkpoints also load with
 # `trust_remote_code=True` where this package is not installed.
@@ -39,6 +43,7 @@ for _auto_class, _model_class in AUTO_CLASSES.items():
 
 __all__ = [
     "PRESETS",
+    "LDAEBackbone",
     "LDAEConfig",
     "LDAEForImageClassification",
     "LDAEForPreTraining",

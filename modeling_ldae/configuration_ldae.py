@@ -3,6 +3,7 @@
 import math
 
 from transformers import PretrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
 FEATURE_INPUTS = ("clean", "pca", "noisy")
 CLASSIFIER_HEADS = ("linear_probe", "fine_tune")
@@ -28,7 +29,7 @@ PRESETS = {
 }
 
 
-class LDAEConfig(PretrainedConfig):
+class LDAEConfig(BackboneConfigMixin, PretrainedConfig):
     r"""
     Configuration of an l-DAE model: a DiT-style ViT encoder-decoder (adaLN-Zero time conditioning, no class token)
     that denoises images whose noise was added in a patch-wise PCA latent. Defaults are the paper's ViT-B.
@@ -71,6 +72,14 @@ class LDAEConfig(PretrainedConfig):
             set by `merge_time_conditioning()`: the blocks are a plain pre-norm ViT with the constants of
             `merged_timestep` folded in.
         merged_timestep (`int`, *optional*): the t the merged constants were computed at.
+        out_features (`list[str]`, *optional*), out_indices (`list[int]`, *optional*):
+            which maps `LDAEBackbone` returns, by name in `stage_names` (`"stem"` = the patch embeddings, `"stageK"` =
+            the output of encoder block K) or by index; either sets the other. Unset, the backbone returns the last
+            block. They select outputs only: no other model reads them.
+        feature_pyramid_strides (`list[int]`, *optional*):
+            if set, `LDAEBackbone` turns the last selected map into ViTDet's simple feature pyramid, one map per
+            stride (each `patch_size` times a power of two, e.g. `[4, 8, 16, 32]` for p = 16): deconvolutions up,
+            max-pooling down. New parameters of the backbone only.
     """
 
     model_type = "ldae"
@@ -104,6 +113,9 @@ class LDAEConfig(PretrainedConfig):
         classifier_head="fine_tune",
         time_conditioning_merged=False,
         merged_timestep=None,
+        out_features=None,
+        out_indices=None,
+        feature_pyramid_strides=None,
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -132,8 +144,21 @@ class LDAEConfig(PretrainedConfig):
         self.classifier_head = classifier_head
         self.time_conditioning_merged = time_conditioning_merged
         self.merged_timestep = merged_timestep
+        self.feature_pyramid_strides = feature_pyramid_strides
+        kwargs.pop("stage_names", None)  # derived from the encoder depth (see the property), never stored
+        # No default selection stored (the backbone picks the last stage): a stored "last stage" of a 12-block
+        # encoder would make the same checkpoint invalid when re-split at 6 blocks.
+        self._out_features, self._out_indices = None, None
+        if out_features is not None or out_indices is not None:
+            self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
         super().__init__(**kwargs)
         self.validate_ldae()
+
+    @property
+    def stage_names(self) -> list[str]:
+        """The backbone's stages, "stem" and one per encoder block: computed, so that a checkpoint loaded with another
+        `num_hidden_layers` (the re-split) gets the stages of its own depth."""
+        return ["stem"] + [f"stage{index}" for index in range(1, self.num_hidden_layers + 1)]
 
     @property
     def patch_dim(self) -> int:
@@ -164,6 +189,12 @@ class LDAEConfig(PretrainedConfig):
                f"one of {CLASSIFIER_HEADS}")
         expect(self.single_noise_level is None or self.single_noise_level >= 0, "single_noise_level",
                self.single_noise_level, "None (multi-level noise) or a sigma >= 0")
+        strides = self.feature_pyramid_strides
+        expect(strides is None or (len(strides) > 0 and all(
+            isinstance(s, int) and s > 0 and math.log2(s / self.patch_size).is_integer() for s in strides)),
+            "feature_pyramid_strides", strides, f"None or a list of patch_size ({self.patch_size}) times powers of 2")
+        expect(strides is None or self._out_features is None or len(self._out_features) == 1, "out_features",
+               self._out_features, "one stage when feature_pyramid_strides is set (the pyramid is built from one map)")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "LDAEConfig":

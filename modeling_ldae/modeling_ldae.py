@@ -4,7 +4,10 @@ Self-Supervised Learning").
 Read top to bottom, this file follows the data: patches -> fixed patch-wise PCA tokenizer -> noise added in the
 PCA latent -> back to pixels -> DiT-style ViT blocks with adaLN-Zero time conditioning (encoder = the first
 `num_hidden_layers` blocks of one stack, decoder = the rest) -> heads (clean-image prediction for pre-training,
-average-pooled encoder features, classifiers).
+average-pooled encoder features, classifiers) -> the backbone for dense heads (feature maps, ViTDet's pyramid).
+
+`save_pretrained` copies this file for `trust_remote_code`, so it imports only torch and transformers: the small
+layers timm would give (MLP, drop path) are written here, as transformers' single-file policy does.
 """
 
 import math
@@ -13,15 +16,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
 from torch import nn
 from transformers import ConvNextImageProcessor, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.image_utils import PILImageResampling
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.utils import IMAGE_PROCESSOR_NAME, ModelOutput
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BackboneOutput,
+    BaseModelOutputWithPooling,
+    ImageClassifierOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import IMAGE_PROCESSOR_NAME, ModelOutput, TransformersKwargs
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ldae import LDAEConfig
 
@@ -181,9 +192,10 @@ class LDAEEmbeddings(nn.Module):
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
         grid = config.image_size // config.patch_size
-        # Not saved: recomputed by `_init_weights` on construction and after loading, so any resolution loads.
+        # Not saved, so any resolution loads; `_init_weights` recomputes it after meta-device loading, and it holds
+        # the table from the start, so a model built with weight initialisation skipped has it too.
         self.register_buffer(
-            "position_embeddings", torch.zeros(1, grid * grid, config.hidden_size), persistent=False
+            "position_embeddings", sincos_position_embeddings(config.hidden_size, grid, grid), persistent=False
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -198,30 +210,62 @@ class LDAEEmbeddings(nn.Module):
         return embeddings.flatten(2).transpose(1, 2) + positions
 
 
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Softmax attention on (batch, heads, length, head_dim) tensors, returning the weights too. `attention_mask` is
+    part of the attention-interface signature; l-DAE attends over all patches, so it is always None."""
+    weights = ((query * scaling) @ key.transpose(-2, -1)).softmax(dim=-1)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return (weights @ value).transpose(1, 2), weights
+
+
 class LDAEAttention(nn.Module):
     def __init__(self, config: LDAEConfig):
         super().__init__()
         self.config = config
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = config.attention_probs_dropout_prob
 
-    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False, **kwargs):
         batch, length, width = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.unbind(0)
-        dropout = self.dropout if self.training else 0.0
-        weights = None
-        if output_attentions or self.config._attn_implementation == "eager":
-            weights = (query * self.head_dim**-0.5) @ key.transpose(-2, -1)
-            weights = F.dropout(weights.softmax(dim=-1), p=dropout, training=self.training)
-            context = weights @ value
-        else:
-            context = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout)
-        context = context.transpose(1, 2).reshape(batch, length, width)
-        return self.proj(context), (weights if output_attentions else None)
+        # SDPA and flex attention return no weights: a call that asks for them runs eager, never returns None.
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        context, weights = attention(self, query, key, value, None, dropout=self.dropout if self.training else 0.0,
+                                     scaling=self.scaling, **kwargs)
+        return self.proj(context.reshape(batch, length, width)), weights
+
+
+class LDAEMlp(nn.Module):
+    def __init__(self, config: LDAEConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class LDAEDropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch of a sample, scaled by 1 / keep while training."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return hidden_states
+        keep = 1 - self.rate
+        mask = hidden_states.new_empty((hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)).bernoulli_(keep)
+        return hidden_states * mask.div_(keep)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -240,24 +284,23 @@ class LDAEBlock(GradientCheckpointingLayer):
         self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, elementwise_affine=merged)
         self.attention = LDAEAttention(config)
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, elementwise_affine=merged)
-        self.mlp = Mlp(config.hidden_size, config.intermediate_size, act_layer=lambda: ACT2FN[config.hidden_act])
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.mlp = LDAEMlp(config)
+        self.drop_path = LDAEDropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.adaLN_modulation = None if merged else nn.Sequential(
             nn.SiLU(), nn.Linear(config.time_embed_dim, 6 * config.hidden_size)
         )
 
-    def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor | None, output_attentions: bool = False):
+    def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor | None, **kwargs) -> torch.Tensor:
         if self.adaLN_modulation is None:
-            attention_output, weights = self.attention(self.norm1(hidden_states), output_attentions)
+            attention_output, _ = self.attention(self.norm1(hidden_states), **kwargs)
             hidden_states = hidden_states + self.drop_path(attention_output)
-            return hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states))), weights
+            return hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(conditioning).chunk(6, -1)
-        attention_output, weights = self.attention(modulate(self.norm1(hidden_states), shift_msa, scale_msa),
-                                                   output_attentions)
+        attention_output, _ = self.attention(modulate(self.norm1(hidden_states), shift_msa, scale_msa), **kwargs)
         # The per-sample drop-path mask commutes with the gate, so the gated residual is one fused addcmul.
         hidden_states = torch.addcmul(hidden_states, gate_msa.unsqueeze(1), self.drop_path(attention_output))
         mlp_output = self.mlp(modulate(self.norm2(hidden_states), shift_mlp, scale_mlp))
-        return torch.addcmul(hidden_states, gate_mlp.unsqueeze(1), self.drop_path(mlp_output)), weights
+        return torch.addcmul(hidden_states, gate_mlp.unsqueeze(1), self.drop_path(mlp_output))
 
     @torch.no_grad()
     def merge_time_conditioning(self, conditioning: torch.Tensor, layer_norm_eps: float):
@@ -335,14 +378,18 @@ class LDAEPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
+    # Declared only for what the tests run (eager is always there); flash attention is not tested, so not declared.
     _supports_sdpa = True
+    _supports_flex_attn = True
     _no_split_modules = ["LDAEBlock"]
     _keep_in_fp32_modules_strict = ["pca"]
+    # Hidden states = the embeddings, then every block's output; attentions = each block's weights.
+    _can_record_outputs = {"hidden_states": LDAEBlock, "attentions": LDAEAttention}
 
     def _init_weights(self, module):
         """DiT's initialisation: xavier linears, zero adaLN-Zero and final layer, fixed sin-cos positions."""
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.ConvTranspose2d)):
             init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -385,6 +432,11 @@ class LDAEPreTrainedModel(PreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.base_model.embeddings.patch_embeddings
 
+    def merge_time_conditioning(self, timestep: int | None = None):
+        """See `LDAEModel.merge_time_conditioning`; the fine-tuning and export form of the encoder."""
+        self.base_model.merge_time_conditioning(timestep)
+        return self
+
     def set_pca(self, mean: torch.Tensor, components: torch.Tensor, eigenvalues: torch.Tensor):
         """Install a fitted PCA tokenizer (from `fit_patch_pca`): mean (D,), components (D, D) as orthonormal rows
         sorted by the descending eigenvalues (D,). May be called again to replace it."""
@@ -398,6 +450,7 @@ class LDAEPreTrainedModel(PreTrainedModel):
             "AutoModel": "modeling_ldae.LDAEModel",
             "AutoModelForPreTraining": "modeling_ldae.LDAEForPreTraining",
             "AutoModelForImageClassification": "modeling_ldae.LDAEForImageClassification",
+            "AutoBackbone": "modeling_ldae.LDAEBackbone",
         }
         result = super().save_pretrained(save_directory, *args, **kwargs)
         # A checkpoint is usable by AutoImageProcessor and the pipelines on its own: add the evaluation processor
@@ -543,27 +596,22 @@ class LDAEModel(LDAEPreTrainedModel):
     def conditioning(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         return None if self.time_embedder is None else self.time_embedder(timesteps)
 
-    def run_blocks(self, hidden_states, conditioning, blocks, output_attentions=False, output_hidden_states=False):
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
+    def run_blocks(self, hidden_states, conditioning, blocks, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+        """The blocks in order; `capture_outputs` on the calling forward records hidden states and attentions."""
+        # As `capture_outputs` decides what to record: the call's flag, else the config's.
+        kwargs["output_attentions"] = kwargs.get("output_attentions", self.config.output_attentions)
         for block in blocks:
-            hidden_states, weights = block(hidden_states, conditioning, output_attentions)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (weights,)
-        return hidden_states, all_hidden_states, all_attentions
+            hidden_states = block(hidden_states, conditioning, **kwargs)
+        return hidden_states
 
+    @capture_outputs
     def forward(
         self,
         pixel_values: torch.Tensor,
         timesteps: torch.Tensor | int | None = None,
         noise: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         interpolate_pos_encoding: bool = False,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling | tuple:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): images in [-1, 1].
@@ -574,28 +622,13 @@ class LDAEModel(LDAEPreTrainedModel):
 
         Returns `last_hidden_state` (the encoder output, no extra norm) and `pooler_output` (its mean over patches).
         """
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         self.check_pixel_values(pixel_values, interpolate_pos_encoding)
         timesteps = self.resolve_timesteps(timesteps, pixel_values.shape[0], pixel_values.device)
         inputs = self.feature_input(pixel_values, timesteps, noise)
         hidden_states = self.embeddings(inputs.to(self.embeddings.patch_embeddings.weight.dtype))
-        hidden_states, all_hidden_states, all_attentions = self.run_blocks(
-            hidden_states, self.conditioning(timesteps), self.blocks[: self.config.num_hidden_layers],
-            output_attentions, output_hidden_states,
-        )
-        pooled = hidden_states.mean(dim=1)
-        if not return_dict:
-            return tuple(v for v in (hidden_states, pooled, all_hidden_states, all_attentions) if v is not None)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=hidden_states,
-            pooler_output=pooled,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-        )
+        hidden_states = self.run_blocks(hidden_states, self.conditioning(timesteps),
+                                        self.blocks[: self.config.num_hidden_layers], **kwargs)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=hidden_states.mean(dim=1))
 
     @torch.no_grad()
     def merge_time_conditioning(self, timestep: int | None = None) -> "LDAEModel":
@@ -656,16 +689,14 @@ class LDAEForPreTraining(LDAEPreTrainedModel):
             noise_weight = 1.0 / (1.0 + timestep_to_sigma(timesteps, self.config).square())
             return (noise_weight[:, None] * per_patch).mean()
 
+    @capture_outputs
     def forward(
         self,
         pixel_values: torch.Tensor,
         timesteps: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         interpolate_pos_encoding: bool = False,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> LDAEForPreTrainingOutput | tuple:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): clean images in [-1, 1].
@@ -674,9 +705,6 @@ class LDAEForPreTraining(LDAEPreTrainedModel):
             sampled if None. Given both `timesteps` and `noise`, the forward pass is deterministic.
         """
         config = self.config
-        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else config.return_dict
         backbone = self.ldae
         backbone.check_pixel_values(pixel_values, interpolate_pos_encoding)
         backbone.pca.require_fitted("Pre-training")
@@ -689,22 +717,10 @@ class LDAEForPreTraining(LDAEPreTrainedModel):
         noisy_pixel_values = unpatchify(noisy, config.patch_size, *pixel_values.shape[-2:])
         conditioning = backbone.conditioning(timesteps)
         hidden_states = backbone.embeddings(noisy_pixel_values.to(backbone.embeddings.patch_embeddings.weight.dtype))
-        hidden_states, all_hidden_states, all_attentions = backbone.run_blocks(
-            hidden_states, conditioning, backbone.blocks, output_attentions, output_hidden_states
-        )
+        hidden_states = backbone.run_blocks(hidden_states, conditioning, backbone.blocks, **kwargs)
         logits = self.final_layer(hidden_states, conditioning)
-        loss = self.loss(clean, logits, timesteps)
-        if not return_dict:
-            output = (logits, noisy_pixel_values, timesteps, all_hidden_states, all_attentions)
-            return (loss,) + tuple(v for v in output if v is not None)
-        return LDAEForPreTrainingOutput(
-            loss=loss,
-            logits=logits,
-            noisy_pixel_values=noisy_pixel_values,
-            timesteps=timesteps,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-        )
+        return LDAEForPreTrainingOutput(loss=self.loss(clean, logits, timesteps), logits=logits,
+                                        noisy_pixel_values=noisy_pixel_values, timesteps=timesteps)
 
 
 class LDAEForImageClassification(LDAEPreTrainedModel):
@@ -726,47 +742,108 @@ class LDAEForImageClassification(LDAEPreTrainedModel):
         """timm-style layer groups (stem, blocks, head) for `timm.optim.param_groups_layer_decay`."""
         return {"stem": r"^ldae\.(?:pca|embeddings|time_embedder)", "blocks": [(r"^ldae\.blocks\.(\d+)", None)]}
 
-    def merge_time_conditioning(self, timestep: int | None = None) -> "LDAEForImageClassification":
-        """See `LDAEModel.merge_time_conditioning`; the fine-tuning form of the model."""
-        self.ldae.merge_time_conditioning(timestep)
-        return self
-
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         timesteps: torch.Tensor | int | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         interpolate_pos_encoding: bool = False,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ImageClassifierOutput | tuple:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids; the loss uses
             `self.loss_function` (cross-entropy for single-label problems).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.ldae(
-            pixel_values,
-            timesteps=timesteps,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-        )
+        outputs = self.ldae(pixel_values, timesteps=timesteps, interpolate_pos_encoding=interpolate_pos_encoding,
+                            **kwargs)
         logits = self.classifier(self.fc_norm(outputs.pooler_output))
         loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
-        if not return_dict:
-            output = tuple(v for v in (logits, outputs.hidden_states, outputs.attentions) if v is not None)
-            return ((loss,) + output) if loss is not None else output
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The backbone for dense heads: encoder blocks as feature maps, optionally ViTDet's simple feature pyramid
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LDAELayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (batch, channels, height, width) map, as between ViTDet's deconvolutions."""
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return super().forward(feature_map.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def feature_pyramid_level(config: LDAEConfig, stride: int) -> nn.Module:
+    """One level of ViTDet's simple feature pyramid from the stride-p map: 2x deconvolutions (LayerNorm + GELU
+    between them) to go finer, max-pooling to go coarser, the map itself at stride p. Width stays `hidden_size`."""
+    width, scale = config.hidden_size, config.patch_size / stride
+    if scale < 1:
+        return nn.MaxPool2d(kernel_size=stride // config.patch_size)
+    layers = []
+    for step in range(int(math.log2(scale))):
+        if step:
+            layers += [LDAELayerNorm2d(width, eps=config.layer_norm_eps), nn.GELU()]
+        layers.append(nn.ConvTranspose2d(width, width, kernel_size=2, stride=2))
+    return nn.Sequential(*layers)
+
+
+class LDAEBackbone(BackboneMixin, LDAEPreTrainedModel):
+    """The encoder for detection / segmentation heads (`AutoBackbone`): the outputs of the blocks named in
+    `config.out_features` (`stem` = patch embeddings, `stageK` = block K), as (batch, hidden_size, H / p, W / p) maps
+    at the feature time step, exactly `LDAEModel`'s hidden states; any image size divisible by the patch.
+    With `config.feature_pyramid_strides`, the last selected map becomes one map per stride instead."""
+
+    def __init__(self, config: LDAEConfig):
+        super().__init__(config)
+        if config.out_features is None:
+            config.out_indices = [-1]
+        self.num_features = [config.hidden_size] * len(self.stage_names)
+        self.ldae = LDAEModel(config)
+        self._keys_to_ignore_on_load_unexpected = self.ldae._keys_to_ignore_on_load_unexpected
+        strides = config.feature_pyramid_strides
+        self.feature_pyramid = None if strides is None else nn.ModuleList(
+            feature_pyramid_level(config, stride) for stride in strides
+        )
+        self.post_init()
+
+    @property
+    def channels(self) -> list[int]:
+        if self.feature_pyramid is None:
+            return super().channels
+        return [self.config.hidden_size] * len(self.feature_pyramid)
+
+    @can_return_tuple
+    @filter_output_hidden_states
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        timesteps: torch.Tensor | int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BackboneOutput | tuple:
+        r"""
+        timesteps (`int` or `torch.LongTensor` of shape `(batch_size,)`, *optional*): as in `LDAEModel`.
+
+        Returns `feature_maps`, one (batch, hidden_size, height / p, width / p) map per selected stage (or per
+        pyramid stride), `hidden_states` if asked for, `attentions` if asked for.
+        """
+        outputs = self.ldae(pixel_values, timesteps=timesteps, interpolate_pos_encoding=True, **kwargs)
+        grid = [size // self.config.patch_size for size in pixel_values.shape[-2:]]
+        feature_maps = tuple(
+            hidden_state.transpose(1, 2).reshape(hidden_state.shape[0], -1, *grid)
+            for stage, hidden_state in zip(self.stage_names, outputs.hidden_states) if stage in self.out_features
+        )
+        if self.feature_pyramid is not None:
+            feature_maps = tuple(level(feature_maps[-1]) for level in self.feature_pyramid)
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=outputs.hidden_states,
+                              attentions=outputs.attentions)
+
+
 __all__ = [
     "make_image_processor",
+    "LDAEBackbone",
     "LDAEForImageClassification",
     "LDAEForPreTraining",
     "LDAEForPreTrainingOutput",

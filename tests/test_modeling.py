@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from modeling_ldae import (
+    LDAEBackbone,
     LDAEConfig,
     LDAEForImageClassification,
     LDAEForPreTraining,
@@ -319,6 +320,27 @@ def test_eager_equals_sdpa_and_fp16_bf16_forward(images, pca):
         assert output.logits.dtype == dtype and torch.isfinite(output.loss)
 
 
+def test_own_mlp_and_drop_path_equal_timm_layers():
+    """The model file writes these two layers itself (remote code imports only torch and transformers); they must
+    compute what timm's did, with the same random draws, so checkpoints and training runs are unchanged."""
+    from timm.layers import DropPath, Mlp
+
+    from modeling_ldae.modeling_ldae import LDAEDropPath, LDAEMlp
+
+    config = tiny_config()
+    ours = LDAEMlp(config)
+    theirs = Mlp(32, 128, act_layer=lambda: torch.nn.GELU(approximate="tanh"))
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 16, 32)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    outputs = []
+    for layer in (LDAEDropPath(0.3), DropPath(0.3)):
+        torch.manual_seed(0)
+        outputs.append(layer.train()(x))
+    assert torch.equal(outputs[0], outputs[1]) and (outputs[0] == 0).all(dim=(1, 2)).any()
+    assert torch.equal(LDAEDropPath(0.3).eval()(x), x)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(images, pca):
     timesteps, noise = torch.randint(0, 1000, (8,)), torch.randn(8, 16, 8)
     gradients = []
@@ -385,7 +407,7 @@ def test_pretraining_checkpoint_loads_into_every_class(images, saved_pretraining
     hidden = model.ldae.embeddings(images)
     conditioning = model.ldae.conditioning(torch.full((8,), 10))
     for block in model.ldae.blocks[:2]:
-        hidden = block(hidden, conditioning)[0]
+        hidden = block(hidden, conditioning)
     torch.testing.assert_close(encoder(images).last_hidden_state, hidden)
 
 
@@ -399,7 +421,7 @@ def test_resplit_encoder_depth(images, saved_pretraining, depth):
     hidden = model.ldae.embeddings(images)
     conditioning = model.ldae.conditioning(torch.full((8,), 10))
     for block in model.ldae.blocks[:depth]:
-        hidden = block(hidden, conditioning)[0]
+        hidden = block(hidden, conditioning)
     torch.testing.assert_close(encoder(images).last_hidden_state, hidden)
 
 
@@ -456,30 +478,41 @@ def test_auto_classes_with_the_package(saved_pretraining):
     assert type(AutoModelForPreTraining.from_pretrained(path)) is LDAEForPreTraining
     assert type(AutoModelForImageClassification.from_pretrained(path)) is LDAEForImageClassification
     auto_map = json.loads((path / "config.json").read_text())["auto_map"]
-    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForPreTraining", "AutoModelForImageClassification"}
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForPreTraining", "AutoModelForImageClassification",
+                             "AutoBackbone"}
 
 
-def test_trust_remote_code_without_the_package(images, saved_pretraining, tmp_path):
+def test_trust_remote_code_without_the_package_or_timm(images, saved_pretraining, tmp_path):
     model, path = saved_pretraining
     checkpoint = shutil.copytree(path, tmp_path / "checkpoint")
     expected = LDAEModel.from_pretrained(path).eval()(images[:2]).pooler_output
+    expected_maps = LDAEBackbone.from_pretrained(path, out_indices=[0, 2]).eval()(images[:2]).feature_maps
     torch.save(images[:2], tmp_path / "images.pt")
     script = textwrap.dedent(f"""
         import sys
-        sys.modules["modeling_ldae"] = None  # the package is not importable in this process
+        sys.modules["modeling_ldae"] = sys.modules["timm"] = None  # neither is importable in this process
         import torch
-        from transformers import AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
+        from transformers import (AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification,
+                                  AutoModelForPreTraining)
         encoder = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True).eval()
         assert type(encoder).__module__.startswith("transformers_modules"), type(encoder).__module__
         AutoModelForPreTraining.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
         AutoModelForImageClassification.from_pretrained({str(checkpoint)!r}, trust_remote_code=True, num_labels=3)
+        # AutoBackbone.from_pretrained takes Hub names only (transformers 5.24): the class from auto_map, then its weights.
+        config = AutoConfig.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+        backbone_class = type(AutoBackbone.from_config(config, trust_remote_code=True))
+        backbone = backbone_class.from_pretrained({str(checkpoint)!r}, out_indices=[0, 2]).eval()
         images = torch.load({str(tmp_path / "images.pt")!r})
-        torch.save(encoder(images).pooler_output, {str(tmp_path / "out.pt")!r})
+        torch.save((encoder(images).pooler_output, backbone(images).feature_maps), {str(tmp_path / "out.pt")!r})
+        assert "timm" not in {{name.split(".")[0] for name, module in sys.modules.items() if module is not None}}
     """)
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected)
+    pooled, maps = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(pooled, expected)
+    for got, want in zip(maps, expected_maps, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_pipelines_on_a_saved_checkpoint(tiny_checkpoint, cifar10_train_images, tmp_path):
