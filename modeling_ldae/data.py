@@ -568,7 +568,8 @@ def _class_names(splits: dict[str, AnyDataset], label_column: str) -> list[str]:
     if len(known) == 2 and known[0] != known[1]:
         raise InputError(
             f"The training and evaluation splits name different classes ({len(known[0])}: {known[0][:5]}... vs "
-            f"{len(known[1])}: {known[1][:5]}...): use splits of the same data set."
+            f"{len(known[1])}: {known[1][:5]}...): pick splits of the same data set (--eval_split_name, "
+            "--validation_dir)."
         )
     if known:
         return known[0]

@@ -1,6 +1,6 @@
 """run_finetune.py end to end on real CIFAR-10 images and the shared tiny checkpoint: merged model, layer-wise lr
 decay under the Trainer's schedule, MixUp/CutMix soft targets, EMA (saved) and both accuracies, `pipeline`,
-streaming."""
+streaming, the push, argument files and one-line errors."""
 
 import json
 import re
