@@ -7,12 +7,13 @@ fp32 PCA noise and the weighted loss cost on top of the transformer itself. Targ
 
     python benchmarks/bench_model.py --preset ldae-tiny --batch_size 64
     python benchmarks/bench_model.py --preset ldae-vit-base --batch_size 2 --steps 3
+    python benchmarks/bench_model.py --preset ldae-tiny --set image_size=64 hidden_size=192 num_attention_heads=3
     python benchmarks/bench_model.py --preset ldae-vit-base --batch_size 64 --device cuda --dtype bfloat16 --compile
 """
 
 import argparse
+import json
 import time
-
 from functools import partial
 
 import timm
@@ -75,6 +76,8 @@ def images_per_second(model, step_loss, images, steps: int, warmup: int, dtype, 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="ldae-tiny")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides on the preset, e.g. image_size=64 (values as JSON)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -86,7 +89,16 @@ def main(argv=None):
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
-    config = LDAEConfig.from_preset(args.preset)
+    overrides, known = {}, LDAEConfig().to_dict()
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            parser.error(f"--set {item!r}: expected KEY=VALUE with KEY an LDAEConfig field, e.g. image_size=64")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value  # a bare string, e.g. hidden_act=gelu
+    config = LDAEConfig.from_preset(args.preset, **overrides)
     images = torch.rand(args.batch_size, config.num_channels, config.image_size, config.image_size, device=device) * 2 - 1
     candidates = {
         "ldae": (build_ldae(config).to(device).train(), lambda m, x: m(x).loss),
