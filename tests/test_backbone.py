@@ -161,7 +161,8 @@ def test_eager_sdpa_and_flex_attention_agree(checkpoint, images):
             weights = model(images, output_attentions=True).attentions
             assert len(weights) == 2 and weights[0].shape == (4, 4, 16, 16)
             torch.testing.assert_close(weights[0].sum(-1), torch.ones(4, 4, 16))
-    loaded = LDAEModel.from_pretrained(checkpoint, attn_implementation="eager", output_attentions=True)
+    # Asked for by the config instead of the call (transformers then loads eager itself).
+    loaded = LDAEModel.from_pretrained(checkpoint, output_attentions=True)
     assert loaded.config._attn_implementation == "eager" and len(loaded(images).attentions) == 2
 
 
