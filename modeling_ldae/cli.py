@@ -14,7 +14,9 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,6 +124,11 @@ def report_errors(prog: str) -> Iterator[None]:
 
 
 def _end_child_processes() -> None:
-    for child in multiprocessing.active_children():
+    children = multiprocessing.active_children()
+    if children and threading.current_thread() is threading.main_thread():
+        # torch's SIGCHLD handler raises when a DataLoader worker dies, which would abort this cleanup half-way.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
         child.kill()
+    for child in children:
         child.join(timeout=10)
