@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import run_pretrain  # noqa: E402
 from modeling_ldae import LDAEConfig, LDAEForPreTraining  # noqa: E402
 from modeling_ldae.data import decode_image, pretrain_transform  # noqa: E402
-from modeling_ldae.pretraining import read_metrics  # noqa: E402
+from modeling_ldae.monitors import read_metrics  # noqa: E402
 
 WIDTH, HEIGHT = 500, 375
 
@@ -123,10 +123,10 @@ def loop_throughput(jpegs: list[bytes], args) -> float:
         log_every = max(1, args.steps // 8)
         run_pretrain.main([
             "--train_dir", str(data_dir), "--output_dir", str(Path(tmp) / "out"), "--model_preset", args.preset,
-            "--per_device_train_batch_size", str(args.batch_size), "--max_train_steps", str(args.warmup + args.steps),
-            "--num_warmup_steps", "1", "--mixed_precision", args.mixed_precision,
+            "--per_device_train_batch_size", str(args.batch_size), "--max_steps", str(args.warmup + args.steps),
+            "--warmup_steps", "1", *(["--bf16", "true"] if args.mixed_precision == "bf16" else []),
             "--dataloader_num_workers", str(args.workers), "--logging_steps", str(log_every),
-            "--monitor_steps", "0", "--checkpointing_steps", "0", "--pca_num_images", "256",
+            "--monitor_steps", "0", "--save_steps", "0", "--pca_num_images", "256",
             "--pca_num_patches", "65536", *(["--random_resized_crop", "true"] if args.random_resized_crop else []),
         ])
         windows = [m["train/images_per_second"] for m in read_metrics(Path(tmp) / "out") if "train/loss" in m]

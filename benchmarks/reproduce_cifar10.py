@@ -91,12 +91,12 @@ def overrides_string(values: dict) -> str:
 
 
 def pretrain_command(variant: Variant, data_dir: Path, output_dir: Path, max_steps: int, device: str) -> list[str]:
-    gpu = ["--mixed_precision", "bf16", "--dataloader_num_workers", "4"] if device == "cuda" else [
-        "--mixed_precision", "no", "--dataloader_num_workers", "0"]
+    gpu = ["--bf16", "true", "--dataloader_num_workers", "4"] if device == "cuda" else [
+        "--dataloader_num_workers", "0"]
     common = [*gpu, "--dataset_name", str(data_dir), "--output_dir", str(output_dir), "--seed", str(variant.seed),
               "--per_device_train_batch_size", str(BATCH_SIZE), "--base_learning_rate", str(BASE_LEARNING_RATE),
-              "--max_train_steps", str(max_steps), "--num_warmup_steps", str(max(1, int(WARMUP_FRACTION * max_steps))),
-              "--checkpointing_steps", "1000", "--checkpoints_total_limit", "1", "--logging_steps", "100",
+              "--max_steps", str(max_steps), "--warmup_steps", str(max(1, int(WARMUP_FRACTION * max_steps))),
+              "--save_steps", "1000", "--save_total_limit", "1", "--logging_steps", "100",
               "--monitor_steps", "1000", "--report_to", "none"]
     if variant.kind == "mae":
         return [*common, "--model_type", "vit_mae", "--config_overrides", overrides_string(MAE_MODEL)]
@@ -117,7 +117,7 @@ def run_logged(command: list[str], log_path: Path) -> None:
 @cache
 def run_metrics(run_dir: Path | str) -> tuple[dict, ...]:
     """A run's logged metrics, read once (the report's loss curves and health table both use them)."""
-    from modeling_ldae.pretraining import read_metrics
+    from modeling_ldae.monitors import read_metrics
 
     return tuple(read_metrics(run_dir))
 

@@ -36,7 +36,7 @@ FINAL_MODEL_MARKER = "config.json"
 # may differ in them.
 IGNORED_CONFIG_KEYS = {"transformers_version", "auto_map", "architectures", "_name_or_path", "dtype", "torch_dtype",
                        "out_features", "out_indices", "stage_names", "_out_features", "_out_indices",
-                       "output_hidden_states", "output_attentions", "return_dict", "use_feature_pyramid"}
+                       "output_hidden_states", "output_attentions", "return_dict", "feature_pyramid_strides"}
 
 
 class RunFinished(Exception):
@@ -154,7 +154,12 @@ def rotate_checkpoints(output_dir: Path, total_limit: int | None) -> None:
         shutil.rmtree(old)
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and every process's RNG states; returns the trainer state."""
-    accelerator.load_state(str(checkpoint))
-    return read_trainer_state(checkpoint)
+def resume(state, checkpoint: Path) -> None:
+    """Restore weights, optimizer, scheduler and every process's RNG states from `checkpoint` into the prepared
+    objects of `state.accelerator`, and the loop's position into `state` (a `monitors.LoopState`)."""
+    state.accelerator.load_state(str(checkpoint))
+    saved = read_trainer_state(checkpoint)
+    state.step, state.last_loss, state.last_checkpoint = saved["step"], saved["last_loss"], checkpoint
+    state.epoch, state.batch_in_epoch = saved["positions"][state.accelerator.process_index]
+    logger.info("Resumed from %s at step %d (epoch %d, batch %d).", checkpoint, state.step, state.epoch,
+                state.batch_in_epoch)

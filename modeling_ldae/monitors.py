@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
+from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker
 from torch.utils.data import DataLoader
 
@@ -39,6 +40,7 @@ matplotlib.use("Agg")  # pictures are files: no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 NUM_NOISE_BINS = 4
+logger = get_logger(__name__)  # main process only
 
 
 @dataclass
@@ -96,6 +98,11 @@ class JSONLinesTracker(GeneralTracker):
             file.write(json.dumps({"step": step, **values}) + "\n")
 
 
+def loggable(values: dict[str, Any]) -> dict[str, Any]:
+    """Argument values as trackers take them: numbers, strings, booleans and None; anything else as its string."""
+    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in values.items()}
+
+
 def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The records `JSONLinesTracker` wrote for a run."""
     path = Path(output_dir) / "logs" / "metrics.jsonl"
@@ -150,10 +157,15 @@ def pca_figure(pca, patch_size: int, count: int = 64):
     return figure
 
 
-def save_pca_picture(model, accelerator: Accelerator, output_dir: Path, count: int = 64) -> None:
+def report_pca(model, how: str, accelerator: Accelerator, output_dir: Path, count: int = 64) -> None:
+    """Log the variance the d latent components explain and save `pca_components.png`, after stage 1."""
+    pca = model.ldae.pca
+    ratio = explained_variance_ratio(pca.eigenvalues, pca.pca_dim)
+    logger.info("PCA tokenizer %s; the top %d components explain %.1f%% of the patch variance.", how, pca.pca_dim,
+                100 * ratio)
+    accelerator.log({"pca/explained_variance_top_d": ratio}, step=0)
     if accelerator.is_main_process:
-        pca = accelerator.unwrap_model(model).ldae.pca
-        figure = pca_figure(pca, accelerator.unwrap_model(model).config.patch_size, count)
+        figure = pca_figure(pca, model.config.patch_size, count)
         save_figure(figure, output_dir / "pca_components.png", accelerator, "pca_components", 0)
 
 

@@ -2,6 +2,7 @@
 2-process `accelerate launch` run (which is also the real CLI run), a recording fake of `HfApi` for the upload."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,21 +13,28 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 import torch
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from huggingface_hub import CommitInfo, ModelCard, RepoUrl
-from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForPreTraining
 
 import run_pretrain
-from modeling_ldae import LDAEForPreTraining, LDAEModel, hub
-from modeling_ldae.pretraining import build_model, read_metrics
+from conftest import recording_hub
+from modeling_ldae import LDAEConfig, LDAEForPreTraining, LDAEModel
+from modeling_ldae.cli import InputError
+from modeling_ldae import hub
+from modeling_ldae.monitors import TrainingHook, read_metrics
+from modeling_ldae.checkpointing import check_resumable, comparable_config
+from modeling_ldae.data import DataSource, DecodingCollator, eval_transform
+from modeling_ldae.knn import knn_top1
+from modeling_ldae.pretraining import LossWindow, build_model, first_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_TEST = 256, 64
 TINY = [
     "--model_preset", "ldae-tiny", "--per_device_train_batch_size", "16", "--dataloader_num_workers", "0",
-    "--base_learning_rate", "2e-3", "--num_warmup_steps", "2", "--pca_num_images", "128", "--pca_num_patches", "4096",
+    "--base_learning_rate", "2e-3", "--warmup_steps", "2", "--pca_num_images", "128", "--pca_num_patches", "4096",
     "--logging_steps", "4", "--num_monitor_images", "8", "--monitor_steps", "0", "--seed", "0",
 ]
 
@@ -70,52 +78,39 @@ def image_folder(tmp_path_factory, cifar10_dir) -> Path:
     return root
 
 
-class RecordingHfApi:
-    """Stands in for `huggingface_hub.HfApi` at the network boundary: records what would be uploaded."""
-
-    calls: list = []
-
-    def __init__(self, token=None):
-        self.calls.append(("init", {"token": token}))
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
-        root = Path(folder_path)
-        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-        self.calls.append(("upload_folder", {"repo_id": repo_id,
-                                             "files": list(filter_repo_objects(files, ignore_patterns=ignore_patterns))}))
-        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="",
-                          commit_description="", oid="0")
+def run(argv, hooks=()):
+    return run_pretrain.main([str(a) for a in argv], hooks=hooks)
 
 
-def run(argv, callbacks=()):
-    return run_pretrain.main([str(a) for a in argv], callbacks=callbacks)
+class AtStep(TrainingHook):
+    """Runs `action(state)` once, after optimizer step `step` (fault injection)."""
+
+    def __init__(self, step, action):
+        self.step, self.action = step, action
+
+    def on_step(self, state):
+        if state.step == self.step:
+            self.action(state)
+        return {}
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, parquet_dir):
     """One full map-style run: PCA fit, 24 steps, monitor, k-NN, checkpoints, final model, Hub upload (faked)."""
     output_dir = tmp_path_factory.mktemp("run") / "out"
-    calls = []
-    patch = pytest.MonkeyPatch()
-    patch.setattr(RecordingHfApi, "calls", calls)
-    patch.setattr(hub, "HfApi", RecordingHfApi)
     try:
-        progress = run([*TINY, "--train_dir", parquet_dir, "--output_dir", output_dir, "--max_train_steps", 24,
-                        "--monitor_steps", 12, "--checkpointing_steps", 8, "--knn_eval_steps", 24,
-                        "--eval_split", "test", "--knn_train_samples", 128, "--max_eval_samples", 64,
-                        "--push_to_hub", "--hub_model_id", "someone/ldae-tiny-cifar", "--hub_token", "tok"])
+        with recording_hub() as calls:
+            progress = run([*TINY, "--train_dir", parquet_dir, "--output_dir", output_dir, "--max_steps", 24,
+                        "--monitor_steps", 12, "--save_steps", 8, "--knn_eval_steps", 24,
+                        "--eval_split_name", "test", "--knn_train_samples", 128, "--max_eval_samples", 64,
+                           "--push_to_hub", "--hub_model_id", "someone/ldae-tiny-cifar", "--hub_token", "tok"])
     finally:
-        patch.undo()
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     return output_dir, progress, calls
 
 
-def test_end_to_end_output_loads_with_fitted_pca_and_health_signals(trained_run):
+def test_end_to_end_output_loads_with_fitted_pca_and_health_signals(trained_run, parquet_dir):
     output_dir, progress, _ = trained_run
     assert progress.step == 24
     encoder = AutoModel.from_pretrained(output_dir)
@@ -141,7 +136,15 @@ def test_end_to_end_output_loads_with_fitted_pca_and_health_signals(trained_run)
         assert monitor[-1][f"monitor/copy_loss_t{t}"] > 0 and monitor[-1][f"monitor/loss_t{t}"] > 0
     # Copying the input is a strong baseline at low noise, a weak one at high noise.
     assert monitor[-1]["monitor/copy_loss_t10"] < monitor[-1]["monitor/copy_loss_t999"]
-    assert 0 <= next(m for m in metrics if "knn/top1" in m)["knn/top1"] <= 100
+    # The k-NN monitor scores the final encoder exactly as a direct computation does.
+    source = DataSource(train_dir=str(parquet_dir))
+    collate = DecodingCollator(eval_transform(32), "img", "label")
+    bank, queries = (collate(rows) for rows in (first_rows(source, "train", "img", 128, "label", shuffle_seed=0),
+                                                first_rows(source, "test", "img", 64, "label")))
+    with torch.no_grad():
+        bank_features, query_features = (encoder(batch["pixel_values"]).pooler_output for batch in (bank, queries))
+    expected = knn_top1(bank_features, bank["labels"], query_features, queries["labels"], num_classes=10)
+    assert next(m for m in metrics if "knn/top1" in m)["knn/top1"] == pytest.approx(expected, abs=1e-6)
 
     assert (output_dir / "pca_components.png").stat().st_size > 0
     assert sorted(p.name for p in (output_dir / "denoising").iterdir()) == ["step-0000012.png", "step-0000024.png"]
@@ -169,8 +172,8 @@ def test_streaming_image_folder_skips_corrupt_jpeg(tmp_path, image_folder, capsy
     with pytest.raises(SystemExit) as failure:  # a stream whose size is unknown cannot turn epochs into steps
         run(argv)
     assert failure.value.code == 2
-    assert "--max_train_steps" in capsys.readouterr().err
-    progress = run([*argv, "--max_train_steps", 8, "--monitor_steps", 8])
+    assert "--max_steps" in capsys.readouterr().err
+    progress = run([*argv, "--max_steps", 8, "--monitor_steps", 8])
     assert progress.step == 8
     metrics = read_metrics(tmp_path / "out")
     assert max(m.get("data/decode_failures", 0) for m in metrics) >= 1
@@ -186,17 +189,13 @@ def _state(folder: Path) -> dict:
 def test_sigterm_checkpoint_resumes_to_the_uninterrupted_weights(streaming, tmp_path, parquet_dir, tiny_checkpoint):
     # 64 images / batch 16 = 4 batches per epoch: 12 steps cross epochs, the signal lands mid-epoch. The stream
     # resumes exactly too here: same files, seed and workers replay the same order.
-    argv = [*TINY, "--train_dir", parquet_dir, "--max_train_samples", 64, "--max_train_steps", 12,
-            "--checkpointing_steps", 4, "--pca_from", tiny_checkpoint, "--streaming", streaming]
+    argv = [*TINY, "--train_dir", parquet_dir, "--max_train_samples", 64, "--max_steps", 12,
+            "--save_steps", 4, "--pca_from", tiny_checkpoint, "--streaming", streaming]
     run([*argv, "--output_dir", tmp_path / "straight"])
-
-    def sigterm_at_step_6(pretrainer):
-        if pretrainer.progress.step == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
 
     interrupted = tmp_path / "interrupted"
     with pytest.raises(SystemExit) as stopped:
-        run([*argv, "--output_dir", interrupted], callbacks=[sigterm_at_step_6])
+        run([*argv, "--output_dir", interrupted], hooks=[AtStep(6, lambda state: os.kill(os.getpid(), signal.SIGTERM))])
     assert stopped.value.code == 128 + signal.SIGTERM
     # Processes agree to stop at the next step's all-reduce: the checkpoint is step 7 (epoch 1, 3 batches in).
     assert sorted(p.name for p in interrupted.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-7"]
@@ -217,16 +216,15 @@ def test_sigterm_checkpoint_resumes_to_the_uninterrupted_weights(streaming, tmp_
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, parquet_dir, tiny_checkpoint, capsys):
-    def poison_weights_after_step_4(pretrainer):
-        if pretrainer.progress.step == 4:
-            with torch.no_grad():
-                pretrainer.accelerator.unwrap_model(pretrainer.model).final_layer.linear.weight.fill_(float("nan"))
+    def poison_weights(state):
+        with torch.no_grad():
+            state.accelerator.unwrap_model(state.model).final_layer.linear.weight.fill_(float("nan"))
 
     output_dir = tmp_path / "out"
     with pytest.raises(SystemExit) as stopped:
-        run([*TINY, "--train_dir", parquet_dir, "--max_train_samples", 64, "--max_train_steps", 10,
-             "--checkpointing_steps", 4, "--pca_from", tiny_checkpoint, "--output_dir", output_dir],
-            callbacks=[poison_weights_after_step_4])
+        run([*TINY, "--train_dir", parquet_dir, "--max_train_samples", 64, "--max_steps", 10,
+             "--save_steps", 4, "--pca_from", tiny_checkpoint, "--output_dir", output_dir],
+            hooks=[AtStep(4, poison_weights)])
     assert stopped.value.code == 1
     error = capsys.readouterr().err
     assert "Non-finite loss at step 5" in error and "checkpoint-4" in error
@@ -245,7 +243,7 @@ def test_vit_mae_baseline_trains_through_the_same_loop(tmp_path, parquet_dir):
     assert model.decoder.decoder_pos_embed.abs().sum() > 0
 
     argv = [*TINY[2:], "--model_type", "vit_mae", "--config_overrides", overrides, "--train_dir", parquet_dir,
-            "--max_train_samples", 64, "--max_train_steps", 8, "--output_dir", tmp_path / "mae"]
+            "--max_train_samples", 64, "--max_steps", 8, "--output_dir", tmp_path / "mae"]
     assert run(argv).step == 8
     loaded = AutoModelForPreTraining.from_pretrained(tmp_path / "mae")
     assert type(loaded).__name__ == "ViTMAEForPreTraining"
@@ -255,21 +253,23 @@ def test_vit_mae_baseline_trains_through_the_same_loop(tmp_path, parquet_dir):
 
 
 @pytest.mark.parametrize("case", ["preset", "image_column", "no_images", "resume_missing", "resume_other_config",
-                                  "output_dir_taken", "pca_from_missing"])
+                                  "output_dir_taken", "pca_from_missing", "save_total_limit", "hub_model_id"])
 def test_bad_input_fails_before_any_work(case, tmp_path, parquet_dir, trained_run, capsys):
     out = tmp_path / "out"
-    base = [*TINY, "--train_dir", parquet_dir, "--max_train_steps", 4, "--output_dir", out]
+    base = [*TINY, "--train_dir", parquet_dir, "--max_steps", 4, "--output_dir", out]
     argv, expected = {
         "preset": ([*base, "--model_preset", "ldae-huge"], "Unknown l-DAE preset 'ldae-huge'"),
         "image_column": ([*base, "--image_column_name", "photo"], "'photo' not found; the data set has columns"),
-        "no_images": ([*base[:-4], "--train_dir", tmp_path, "--max_train_steps", 4, "--output_dir", out],
+        "no_images": ([*base[:-4], "--train_dir", tmp_path, "--max_steps", 4, "--output_dir", out],
                       "contains no image files"),
-        "resume_missing": ([*base, "--resume_from_checkpoint", tmp_path / "nowhere"], "no checkpoint there"),
+        "resume_missing": ([*base, "--resume_from_checkpoint", tmp_path / "nowhere"], "no complete checkpoint there"),
         "resume_other_config": ([*base, "--resume_from_checkpoint", trained_run[0] / "checkpoint-24",
                                  "--config_overrides", "pca_dim=16"], "belongs to another model config"),
         "output_dir_taken": ([*TINY, "--train_dir", parquet_dir, "--output_dir", trained_run[0]],
                              "already holds checkpoints or a model"),
         "pca_from_missing": ([*base, "--pca_from", tmp_path / "no_model"], f"--pca_from {tmp_path / 'no_model'}:"),
+        "save_total_limit": ([*base, "--save_total_limit", 0], "--save_total_limit 0 would delete the checkpoint"),
+        "hub_model_id": ([*base, "--push_to_hub", "--hub_model_id", "me/two words"], "not a valid Hub repository id"),
     }[case]
     with pytest.raises(SystemExit) as failure:
         run(argv)
@@ -286,10 +286,10 @@ def test_two_processes_each_example_once_per_epoch(tmp_path, parquet_dir):
     config = tmp_path / "tiny.yaml"
     config.write_text(
         "model_preset: ldae-tiny\nper_device_train_batch_size: 8\ngradient_accumulation_steps: 2\n"
-        "num_train_epochs: 2\nnum_train_examples: 256\nnum_warmup_steps: 2\nbase_learning_rate: 0.002\n"
+        "num_train_epochs: 2\nnum_train_examples: 256\nwarmup_steps: 2\nbase_learning_rate: 0.002\n"
         "dataloader_num_workers: 0\n"
         "pca_num_images: 64\npca_num_patches: 2048\nlogging_steps: 4\nmonitor_steps: 0\n"
-        "checkpointing_steps: 4\nlog_example_ids: true\nexample_id_column_name: id\n"
+        "save_steps: 4\nlog_example_ids: true\nexample_id_column_name: id\n"
     )
     output_dir = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
@@ -329,8 +329,8 @@ def test_shipped_recipes_parse_to_the_paper_settings(recipe):
     preset, epochs = recipe.stem.rsplit("-", 1)
     assert model_args.model_preset == preset and args.num_train_epochs == int(epochs.removesuffix("ep"))
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps * 8 == 2048  # the 1 x 8 launch
-    assert args.base_learning_rate == 1e-4 and args.num_warmup_epochs == 100 and args.weight_decay == 0
-    assert "--num_processes 32" in recipe.read_text() and "--num_processes 8" in recipe.read_text()
+    assert args.base_learning_rate == 1e-4 and args.warmup_epochs == 100 and args.weight_decay == 0
+    assert args.bf16 and args.save_total_limit >= 1
 
 
 def test_mae_baseline_recipe_builds_vit_mae_at_256px():
@@ -338,3 +338,174 @@ def test_mae_baseline_recipe_builds_vit_mae_at_256px():
     config = build_model(model_args).config
     assert config.model_type == "vit_mae" and config.image_size == 256 and config.hidden_size == 768
     assert args.per_device_train_batch_size * 8 == 2048 and args.num_train_epochs == 400
+
+
+# ---------------------------------------------------------------------------------------------------- faults
+
+
+def test_resume_latest_on_a_finished_run_exits_without_touching_the_model(tmp_path, parquet_dir, tiny_checkpoint,
+                                                                           caplog):
+    # A run that finished without keeping checkpoints, started again as a pre-emptible job script would.
+    argv = [*TINY, "--train_dir", parquet_dir, "--max_train_samples", 32, "--max_steps", 2, "--save_steps", 0,
+            "--pca_from", tiny_checkpoint, "--output_dir", tmp_path / "out", "--resume_from_checkpoint", "latest"]
+    assert run(argv).step == 2
+    weights = (tmp_path / "out" / "model.safetensors").read_bytes()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    assert run(argv) is None
+    assert "is finished" in caplog.text and "--model_name_or_path" in caplog.text
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == weights
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_rotation_ignores_other_folders_and_keeps_the_newest(tmp_path, parquet_dir, tiny_checkpoint):
+    out = tmp_path / "out"
+    (out / "checkpoint-best").mkdir(parents=True)  # a stray folder: not this run's checkpoint
+    (out / "checkpoint-best" / "note.txt").write_text("keep me")
+    # No checkpoints and no model in the folder yet: `latest` starts the run.
+    progress = run([*TINY, "--train_dir", parquet_dir, "--max_train_samples", 32, "--max_steps", 6, "--save_steps", 2,
+                    "--save_total_limit", 1, "--pca_from", tiny_checkpoint, "--output_dir", out,
+                    "--resume_from_checkpoint", "latest"])
+    assert progress.step == 6
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-best"]
+    assert (out / "checkpoint-best" / "note.txt").read_text() == "keep me"
+
+
+def test_loss_window_does_not_count_zero_weight_stand_ins():
+    accelerator = Accelerator(cpu=True)
+    window = LossWindow(accelerator.device)
+    window.add(torch.tensor(2.0), 1.0, 16)
+    window.add(torch.tensor(0.0), 0.0, 1)  # a batch whose images all failed to decode
+    window.add(torch.tensor(4.0), 1.0, 16)
+    metrics = window.metrics(accelerator)
+    assert metrics["train/loss"] == pytest.approx(3.0)
+    assert window.nonfinite.item() == 0
+    window.add(torch.tensor(float("nan")), 1.0, 16)
+    assert window.nonfinite.item() == 1
+
+
+def test_crash_while_checkpointing_keeps_the_previous_one_and_resumes_from_it(tmp_path, parquet_dir, tiny_checkpoint,
+                                                                               monkeypatch, capsys, caplog):
+    save_state = Accelerator.save_state
+
+    def save_then_fail_at_step_8(self, output_dir=None, **kwargs):
+        save_state(self, output_dir, **kwargs)  # the weights are on disk, the checkpoint is not complete
+        if output_dir.endswith("checkpoint-8"):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Accelerator, "save_state", save_then_fail_at_step_8)
+    out = tmp_path / "out"
+    argv = [*TINY, "--train_dir", parquet_dir, "--max_train_samples", 64, "--max_steps", 12, "--save_steps", 4,
+            "--pca_from", tiny_checkpoint, "--output_dir", out, "--resume_from_checkpoint", "latest"]
+    with pytest.raises(SystemExit) as failed:
+        run(argv)
+    assert failed.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "run_pretrain.py: error: OSError: [Errno 28] No space left on device"
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-4"]
+    assert AutoModelForPreTraining.from_pretrained(out / "checkpoint-4").ldae.pca.is_fitted
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    assert run(argv).step == 12
+    assert f"Resumed from {out / 'checkpoint-4'} at step 4" in caplog.text
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-8"]
+
+
+def test_full_disk_while_saving_the_model_leaves_no_half_written_model(tmp_path, parquet_dir, tiny_checkpoint,
+                                                                      monkeypatch, capsys):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hub, "write_model_card", disk_full)  # after the weights and processor are written
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as failed:
+        run([*TINY, "--train_dir", parquet_dir, "--max_train_samples", 32, "--max_steps", 4, "--save_steps", 4,
+             "--pca_from", tiny_checkpoint, "--output_dir", out])
+    assert failed.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "run_pretrain.py: error: OSError: [Errno 28] No space left on device"
+    assert sorted(p.name for p in out.iterdir() if p.is_file() and p.suffix != ".png") == []
+    assert not list(out.glob(".tmp*"))
+    assert AutoModelForPreTraining.from_pretrained(out / "checkpoint-4").ldae.pca.is_fitted
+
+
+FAILING_RUN = """
+import json, multiprocessing, sys
+sys.path.insert(0, {repo!r})
+import run_pretrain
+from modeling_ldae.monitors import TrainingHook
+
+class Fail(TrainingHook):
+    def on_step(self, state):
+        if state.step == 3 and state.accelerator.process_index == 0:
+            with open({pids!r}, "w") as file:
+                json.dump([child.pid for child in multiprocessing.active_children()], file)
+            raise RuntimeError("injected failure")
+        return {{}}
+
+run_pretrain.main(sys.argv[1:], hooks=[Fail()])
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not status.exists() or "zombie" not in status.read_text()
+
+
+def _processes_running(script: Path) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(script) in cmdline.read_bytes().decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # it ended while we looked
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_an_error_in_the_loop_ends_every_process_and_worker(processes, tmp_path, parquet_dir, tiny_checkpoint):
+    script, pids = tmp_path / "failing_run.py", tmp_path / "workers.json"
+    script.write_text(FAILING_RUN.format(repo=str(REPO_ROOT), pids=str(pids)))
+    argv = [*TINY, "--dataloader_num_workers", 2, "--train_dir", parquet_dir, "--max_steps", 10,
+            "--pca_from", tiny_checkpoint, "--output_dir", tmp_path / "out"]
+    launch = [sys.executable, str(script)] if processes == 1 else [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "ACCELERATE_USE_CPU": "1"}
+    # Before the fix this hung forever: the workers ignore SIGTERM, and the interpreter waited for them at exit.
+    result = subprocess.run([*launch, *map(str, argv)], env=env, capture_output=True, text=True, timeout=120,
+                            cwd=REPO_ROOT)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("run_pretrain.py: error:")]
+    assert "run_pretrain.py: error: RuntimeError: injected failure" in errors
+    workers = json.loads(pids.read_text())
+    assert len(workers) == 2 and not [pid for pid in workers if _alive(pid)]
+    # Nothing of the run is left: no rank, no worker of any rank.
+    assert not [pid for pid in _processes_running(script) if _alive(pid)]
+
+
+def test_resume_compares_configs_with_missing_keys_as_defaults():
+    config = LDAEConfig.from_preset("ldae-tiny")
+    layout = {"num_processes": 1, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1}
+    saved_config = comparable_config(config)
+    # Written by an older version, before `single_noise_level` existed (its default is None): still resumable.
+    del saved_config["single_noise_level"]
+    check_resumable(Path("checkpoint-8"), {"model_config": saved_config, **layout}, config, layout)
+    # Keys that only choose which outputs a backbone returns do not block a resume.
+    check_resumable(Path("checkpoint-8"), {"model_config": comparable_config(config), **layout},
+                    LDAEConfig.from_preset("ldae-tiny", output_hidden_states=True), layout)
+    with pytest.raises(InputError, match="differs in pca_dim"):
+        check_resumable(Path("checkpoint-8"), {"model_config": saved_config, **layout},
+                        LDAEConfig.from_preset("ldae-tiny", pca_dim=16), layout)
+    with pytest.raises(InputError, match="num_processes 1 -> 2"):
+        check_resumable(Path("checkpoint-8"), {"model_config": comparable_config(config), **layout}, config,
+                        {**layout, "num_processes": 2})
