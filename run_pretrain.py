@@ -22,7 +22,7 @@ from transformers import HfArgumentParser, get_scheduler
 
 from modeling_ldae import checkpointing, hub, monitors, pretraining
 from modeling_ldae.cli import InputError, parse_arguments, report_errors
-from modeling_ldae.data import default_num_workers, find_label_column
+from modeling_ldae.data import EVAL_SPLIT_CANDIDATES, default_num_workers, find_label_column
 from modeling_ldae.optim import adamw_param_groups, schedule_lengths
 from modeling_ldae.pretraining import (
     DEFAULT_DATASET,
@@ -79,7 +79,8 @@ class DataArguments:
     train_split_name: str = field(default="train", metadata={"help": "The split to pre-train on."})
     eval_split_name: str | None = field(
         default=None,
-        metadata={"help": "Held-out split for the monitor images and k-NN queries (default: validation or test)."},
+        metadata={"help": "Held-out split for the monitor images and k-NN queries (default: validation, val, valid or "
+                  "test, the first there is)."},
     )
     image_column_name: str | None = field(
         default=None, metadata={"help": "The image column (default: the first of image, img, jpg)."}
@@ -154,7 +155,7 @@ class PretrainingArguments:
     knn_train_samples: int = field(default=5000, metadata={"help": "Labelled training images in the k-NN bank."})
     save_steps: int | None = field(default=1000, metadata={"help": "Checkpoint every N steps (0: never)."})
     save_total_limit: int | None = field(
-        default=2, metadata={"help": "Keep the newest N checkpoints (>= 1; unset: keep all)."}
+        default=None, metadata={"help": "Keep the newest N checkpoints (>= 1; default, as in TrainingArguments: all)."}
     )
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint folder, or 'latest' (newest in output_dir; none: start fresh)."}
@@ -226,7 +227,7 @@ def make_monitors(model, data, data_args, args, accelerator) -> list[monitors.Tr
     config = model.config
     hooks.append(monitors.NoiseBinLosses(config, args.logging_steps))
     splits = data.source.splits()
-    eval_split = data_args.eval_split_name or next((s for s in ("validation", "test") if s in splits), None)
+    eval_split = data_args.eval_split_name or next((s for s in EVAL_SPLIT_CANDIDATES if s in splits), None)
     if args.monitor_steps:
         if not all(0 <= t < config.num_timesteps for t in args.monitor_timesteps):
             raise InputError(f"--monitor_timesteps {args.monitor_timesteps}: each t must be in [0, "
@@ -323,9 +324,10 @@ def pretrain(model_args, data_args, args, hooks=()) -> monitors.LoopState | None
             accelerator, model, output_dir, state.step, (state.epoch, state.batch_in_epoch),
             {**layout, "last_loss": state.last_loss}, args.save_total_limit, image_size)
 
-    with pretraining.StopRequest() as stop:
+    with pretraining.StopRequest() as stop, monitors.ProgressBar(max_steps, state.step, accelerator) as bar:
         while state.step < max_steps and not stop.agreed:
-            train_one_epoch(model, loader, optimizer, scheduler, state, args, max_steps, hooks, stop, save_checkpoint)
+            train_one_epoch(model, loader, optimizer, scheduler, state, args, max_steps, [*hooks, bar], stop,
+                            save_checkpoint)
     if stop.agreed:
         save_checkpoint(state)
         accelerator.end_training()

@@ -89,7 +89,7 @@ def load_image_dataset(
     if missing:
         raise InputError(
             f"Split {missing[0]!r} not found in {train_dir if train_dir is not None else dataset_name}; available "
-            f"splits: {', '.join(available)}. Pass one of these as split."
+            f"splits: {', '.join(available)}. Pass one of these (--train_split_name / --eval_split_name)."
         )
     if streaming:
         return builder.as_streaming_dataset(split=split)
@@ -264,7 +264,7 @@ def _find_column(dataset: AnyDataset, requested: str | None, candidates: tuple[s
     if found is None:
         raise InputError(
             f"No {kind} column found among {list(candidates)}; the data set has columns {columns}: "
-            f"name the {kind} column explicitly."
+            f"name the {kind} column with --{kind}_column_name."
         )
     return found
 

@@ -4,7 +4,8 @@
 - `HeldOutDenoising`: the loss on fixed held-out images and a fixed (t, noise) grid, next to the loss of copying the
   noisy input (a model that learned nothing scores about the copy), and a labelled picture of the denoising;
 - `KnnMonitor`: k-NN top-1 of the encoder's features (is the representation improving?);
-- `ExampleIdLog`: the example ids each process trained on (to check the data split between processes).
+- `ExampleIdLog`: the example ids each process trained on (to check the data split between processes);
+- `ProgressBar`: steps and the last loss on the console.
 
 A hook sees the `LoopState` after each micro-batch (`on_batch`) and after each optimizer step (`on_step`, which
 returns metrics to log). Metrics go to `logs/metrics.jsonl` through `JSONLinesTracker`, pictures to files and to any
@@ -29,6 +30,7 @@ from accelerate.data_loader import prepare_data_loader
 from accelerate.logging import get_logger
 from accelerate.tracking import GeneralTracker
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .data import DecodingCollator, eval_transform, pretrain_transform
 from .features import extract_features
@@ -309,6 +311,27 @@ class KnnMonitor(TrainingHook):
         self.last_top1 = knn_top1(bank[keep], bank_labels[keep], queries[query_labels >= 0],
                                   query_labels[query_labels >= 0], num_classes, k=min(20, int(keep.sum())))
         return {"knn/top1": self.last_top1}
+
+
+class ProgressBar(TrainingHook):
+    """The progress bar of the local main process: steps and the last logged loss. A context manager that closes
+    the bar."""
+
+    def __init__(self, total: int, initial: int, accelerator: Accelerator):
+        self.bar = tqdm(total=total, initial=initial, desc="pre-training",
+                        disable=not accelerator.is_local_main_process)
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc_info):
+        self.bar.close()  # ends the bar's line, so that an error message starts on its own line
+
+    def on_step(self, state):
+        self.bar.update(state.step - self.bar.n)
+        if state.last_loss is not None:
+            self.bar.set_postfix(loss=f"{state.last_loss:.4f}", refresh=False)
+        return {}
 
 
 class ExampleIdLog(TrainingHook):

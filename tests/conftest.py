@@ -96,7 +96,8 @@ class RecordingHfApi:
 
         inspect.signature(HfApi.create_repo).bind(self, repo_id, **kwargs)
         self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
+        # The Hub puts a bare name in the token owner's namespace.
+        return RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else 'token-owner/' + repo_id}")
 
     def upload_folder(self, *, repo_id: str, folder_path, **kwargs):
         from huggingface_hub import CommitInfo, HfApi

@@ -70,3 +70,10 @@ def test_hub_ids_are_checked_once_for_metadata_and_upload(tmp_path):
     assert hub.repo_id("me/ldae", tmp_path) == "me/ldae"
     with pytest.raises(hub.InputError, match="--hub_model_id 'me/a b' is not a valid Hub repository id"):
         hub.repo_id("me/a b", tmp_path)
+
+
+def test_a_bare_repository_name_uploads_to_the_token_owners_namespace(tmp_path, hub_calls):
+    _write(tmp_path, "config.json")
+    hub.push_to_hub(tmp_path, hub.repo_id(None, tmp_path / "ldae-run"))
+    (_, _), (_, create), (_, upload) = hub_calls
+    assert create["repo_id"] == "ldae-run" and upload["repo_id"] == "token-owner/ldae-run"

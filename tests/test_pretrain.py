@@ -101,7 +101,7 @@ def trained_run(tmp_path_factory, parquet_dir):
     try:
         with recording_hub() as calls:
             progress = run([*TINY, "--train_dir", parquet_dir, "--output_dir", output_dir, "--max_steps", 24,
-                        "--monitor_steps", 12, "--save_steps", 8, "--knn_eval_steps", 24,
+                        "--monitor_steps", 12, "--save_steps", 8, "--save_total_limit", 2, "--knn_eval_steps", 24,
                         "--eval_split_name", "test", "--knn_train_samples", 128, "--max_eval_samples", 64,
                            "--push_to_hub", "--hub_model_id", "someone/ldae-tiny-cifar", "--hub_token", "tok"])
     finally:
@@ -289,7 +289,7 @@ def test_two_processes_each_example_once_per_epoch(tmp_path, parquet_dir):
         "num_train_epochs: 2\nnum_train_examples: 256\nwarmup_steps: 2\nbase_learning_rate: 0.002\n"
         "dataloader_num_workers: 0\n"
         "pca_num_images: 64\npca_num_patches: 2048\nlogging_steps: 4\nmonitor_steps: 0\n"
-        "save_steps: 4\nlog_example_ids: true\nexample_id_column_name: id\n"
+        "save_steps: 4\nsave_total_limit: 2\nlog_example_ids: true\nexample_id_column_name: id\n"
     )
     output_dir = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
@@ -396,7 +396,8 @@ def test_crash_while_checkpointing_keeps_the_previous_one_and_resumes_from_it(tm
     monkeypatch.setattr(Accelerator, "save_state", save_then_fail_at_step_8)
     out = tmp_path / "out"
     argv = [*TINY, "--train_dir", parquet_dir, "--max_train_samples", 64, "--max_steps", 12, "--save_steps", 4,
-            "--pca_from", tiny_checkpoint, "--output_dir", out, "--resume_from_checkpoint", "latest"]
+            "--save_total_limit", 2, "--pca_from", tiny_checkpoint, "--output_dir", out, "--resume_from_checkpoint",
+            "latest"]
     with pytest.raises(SystemExit) as failed:
         run(argv)
     assert failed.value.code == 1
