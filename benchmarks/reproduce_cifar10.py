@@ -4,7 +4,7 @@
 
 Every pre-training run is `run_pretrain.py` (l-DAE variants and the MAE baseline, `transformers`' ViTMAE, through the
 same loop), each given the same wall-clock budget: a short calibration of each model kind (l-DAE, ViTMAE), run side
-by side as the runs train, measures its images/s, which sets `--max_train_steps` (so every l-DAE variant trains the
+by side as the runs train, measures its images/s, which sets `--max_steps` (so every l-DAE variant trains the
 same steps). Two runs go side by side, one thread each. Every variant is then judged by the same
 probes on the full 50k train / 10k test split: the package's cached-feature linear probe (the code path of
 `run_linear_probe.py --cache_features`: BatchNorm + Linear head, LARS) and k-NN top-1 (k = 20, T = 0.07). Runs are
@@ -90,14 +90,17 @@ def overrides_string(values: dict) -> str:
     return ",".join(f"{key}={value}" for key, value in values.items())
 
 
-def pretrain_command(variant: Variant, data_dir: Path, output_dir: Path, max_steps: int, device: str) -> list[str]:
+def pretrain_command(variant: Variant, data_dir: Path, output_dir: Path, max_steps: int, device: str,
+                     save_steps: int = 1000, save_total_limit: int | None = 1, monitor_steps: int = 1000,
+                     lr_scheduler_type: str = "cosine") -> list[str]:
     gpu = ["--bf16", "true", "--dataloader_num_workers", "4"] if device == "cuda" else [
         "--dataloader_num_workers", "0"]
     common = [*gpu, "--dataset_name", str(data_dir), "--output_dir", str(output_dir), "--seed", str(variant.seed),
               "--per_device_train_batch_size", str(BATCH_SIZE), "--base_learning_rate", str(BASE_LEARNING_RATE),
               "--max_steps", str(max_steps), "--warmup_steps", str(max(1, int(WARMUP_FRACTION * max_steps))),
-              "--save_steps", "1000", "--save_total_limit", "1", "--logging_steps", "100",
-              "--monitor_steps", "1000", "--report_to", "none"]
+              "--lr_scheduler_type", lr_scheduler_type, "--save_steps", str(save_steps), "--logging_steps", "100",
+              "--monitor_steps", str(monitor_steps), "--report_to", "none",
+              *(["--save_total_limit", str(save_total_limit)] if save_total_limit else [])]
     if variant.kind == "mae":
         return [*common, "--model_type", "vit_mae", "--config_overrides", overrides_string(MAE_MODEL)]
     return [*common, "--model_preset", "ldae-tiny", "--config_overrides",
