@@ -18,7 +18,6 @@ reading below its marker line survives regeneration.
 """
 
 import argparse
-import json
 import math
 import os
 import signal
