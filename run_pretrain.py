@@ -324,9 +324,10 @@ def pretrain(model_args, data_args, args, hooks=()) -> monitors.LoopState | None
             accelerator, model, output_dir, state.step, (state.epoch, state.batch_in_epoch),
             {**layout, "last_loss": state.last_loss}, args.save_total_limit, image_size)
 
+    window = pretraining.LossWindow(accelerator.device)
     with pretraining.StopRequest() as stop, monitors.ProgressBar(max_steps, state.step, accelerator) as bar:
         while state.step < max_steps and not stop.agreed:
-            train_one_epoch(model, loader, optimizer, scheduler, state, args, max_steps, [*hooks, bar], stop,
+            train_one_epoch(model, loader, optimizer, scheduler, state, window, args, max_steps, [*hooks, bar], stop,
                             save_checkpoint)
     if stop.agreed:
         save_checkpoint(state)

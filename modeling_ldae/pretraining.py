@@ -323,15 +323,15 @@ class LossWindow:
         return metrics
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, state: LoopState, args, max_steps: int, hooks,
-                    stop: StopRequest, save_checkpoint) -> None:
+def train_one_epoch(model, loader, optimizer, scheduler, state: LoopState, window: LossWindow, args, max_steps: int,
+                    hooks, stop: StopRequest, save_checkpoint) -> None:
     """Optimizer steps over the rest of this process's share of epoch `state.epoch`, until it ends, `max_steps` is
-    reached or the processes agree to stop. Logs every `args.logging_steps`, checkpoints every `args.save_steps`
-    (`save_checkpoint(state)`), calls the hooks."""
+    reached or the processes agree to stop. Logs the `window` every `args.logging_steps` (it spans epochs),
+    checkpoints every `args.save_steps` (`save_checkpoint(state)`), calls the hooks."""
     accelerator = state.accelerator
     loader.set_epoch(state.epoch)
     batches = skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-    window, grad_norm = LossWindow(accelerator.device), None
+    grad_norm = None
     for batch in batches:
         state.batch_in_epoch += 1
         weight = 1.0
