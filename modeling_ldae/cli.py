@@ -124,6 +124,12 @@ def report_errors(prog: str) -> Iterator[None]:
 
 
 def _end_child_processes() -> None:
+    """Kill this process's DataLoader workers and leave the process group (gloo's threads, left to interpreter exit,
+    can abort the process with "terminate called without an active exception" and hide the exit status)."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     children = multiprocessing.active_children()
     if children and threading.current_thread() is threading.main_thread():
         # torch's SIGCHLD handler raises when a DataLoader worker dies, which would abort this cleanup half-way.
