@@ -510,3 +510,21 @@ def test_resume_compares_configs_with_missing_keys_as_defaults():
     with pytest.raises(InputError, match="num_processes 1 -> 2"):
         check_resumable(Path("checkpoint-8"), {"model_config": comparable_config(config), **layout}, config,
                         {**layout, "num_processes": 2})
+
+
+class RecordBatchLosses(TrainingHook):
+    def __init__(self):
+        self.losses = []
+
+    def on_batch(self, state, batch, outputs, weight):
+        self.losses.append(outputs.loss.item())
+
+
+def test_the_logged_loss_averages_every_batch_since_the_last_log_across_epochs(tmp_path, parquet_dir, tiny_checkpoint):
+    # 32 images / batch 16: 2 steps per epoch, so the window logged at step 3 spans the boundary after step 2.
+    recorder = RecordBatchLosses()
+    run([*TINY, "--train_dir", parquet_dir, "--max_train_samples", 32, "--max_steps", 3, "--logging_steps", 3,
+         "--save_steps", 0, "--pca_from", tiny_checkpoint, "--output_dir", tmp_path / "out"], hooks=[recorder])
+    (logged,) = [m["train/loss"] for m in read_metrics(tmp_path / "out") if "train/loss" in m]
+    assert len(recorder.losses) == 3
+    assert logged == pytest.approx(sum(recorder.losses) / 3, rel=1e-6)
