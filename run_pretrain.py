@@ -27,6 +27,7 @@ from modeling_ldae.optim import adamw_param_groups, schedule_lengths
 from modeling_ldae.pretraining import (
     DEFAULT_DATASET,
     build_model,
+    copy_pca,
     first_rows,
     fit_pca,
     load_pca_source,
@@ -290,12 +291,9 @@ def pretrain(model_args, data_args, args, hooks=()) -> monitors.LoopState | None
 
     # Stage 1: the PCA tokenizer (l-DAE only; a resumed run has it in its checkpoint, a checkpoint may bring one).
     if model.config.model_type == "ldae" and resume_from is None and (pca_source or not model.ldae.pca.is_fitted):
-        if pca_source is not None:
-            model.set_pca(pca_source.mean, pca_source.components, pca_source.eigenvalues)
-            how = f"copied from {model_args.pca_from}"
-        else:
-            how = fit_pca(model, data, image_size, args.pca_num_images, args.pca_num_patches,
-                          args.per_device_train_batch_size, num_workers, args.seed, accelerator)
+        how = (copy_pca(model, pca_source, model_args.pca_from) if pca_source is not None else
+               fit_pca(model, data, image_size, args.pca_num_images, args.pca_num_patches,
+                       args.per_device_train_batch_size, num_workers, args.seed, accelerator))
         monitors.report_pca(model, how, accelerator, output_dir, args.num_pca_picture_components)
 
     # Stage 2: denoising.
@@ -333,10 +331,10 @@ def pretrain(model_args, data_args, args, hooks=()) -> monitors.LoopState | None
         save_checkpoint(state)
         accelerator.end_training()
         raise SystemExit(stop.exit_code)
-    knn = next((hook.last_top1 for hook in hooks if isinstance(hook, monitors.KnnMonitor)), None)
     write_card = partial(write_pretraining_card, model=accelerator.unwrap_model(model), source=data.source,
                          repo_id=repo_id, steps=state.step, global_batch=global_batch, last_loss=state.last_loss,
-                         knn_top1=knn, arguments=arguments)
+                         knn_top1=next((h.last_top1 for h in hooks if isinstance(h, monitors.KnnMonitor)), None),
+                         arguments=arguments)
     save_final_model(accelerator, model, output_dir, image_size, write_card)
     if args.push_to_hub and accelerator.is_main_process:
         info = hub.push_to_hub(output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)

@@ -232,6 +232,12 @@ def make_train_loader(data: TrainingData, args, image_size: int, num_workers: in
 # ---------------------------------------------------------------------------------------------------- stage 1
 
 
+def copy_pca(model, source, name: str) -> str:
+    """Install the PCA of another checkpoint (`load_pca_source`); returns a description for the log."""
+    model.set_pca(source.mean, source.components, source.eigenvalues)
+    return f"copied from {name}"
+
+
 def fit_pca(model, data: TrainingData, image_size: int, num_images: int, num_patches: int, batch_size: int,
             num_workers: int, seed: int, accelerator: Accelerator) -> str:
     """Fit the patch-wise PCA tokenizer on `num_patches` random patches of `num_images` random training images
