@@ -8,7 +8,7 @@ from transformers import (
     AutoModelForPreTraining,
 )
 
-from .configuration_ldae import PRESETS, LDAEConfig
+from .configuration_ldae import JOURNEY_STAGES, PRESETS, LDAEConfig
 from .modeling_ldae import (
     LDAEBackbone,
     LDAEForImageClassification,
@@ -16,6 +16,8 @@ from .modeling_ldae import (
     LDAEForPreTrainingOutput,
     LDAEModel,
     LDAEPreTrainedModel,
+    loss_weights,
+    noise_levels,
     patchify,
     timestep_to_sigma,
     unpatchify,
@@ -42,6 +44,7 @@ for _auto_class, _model_class in AUTO_CLASSES.items():
     _model_class.register_for_auto_class(_auto_class)
 
 __all__ = [
+    "JOURNEY_STAGES",
     "PRESETS",
     "LDAEBackbone",
     "LDAEConfig",
@@ -53,6 +56,8 @@ __all__ = [
     "PatchPCAAccumulator",
     "explained_variance_ratio",
     "fit_patch_pca",
+    "loss_weights",
+    "noise_levels",
     "patchify",
     "timestep_to_sigma",
     "unpatchify",

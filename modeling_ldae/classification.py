@@ -326,11 +326,14 @@ def load_classifier(
             **config_overrides,
             **hub_kwargs,
         )
-    if model.config.feature_input != "clean" and not model.ldae.pca.is_fitted:
-        raise InputError(
-            f"feature_input={model.config.feature_input!r} needs the checkpoint's PCA tokenizer, but {path!r} has "
-            "none fitted (all-zero eigenvalues): use --feature_input clean or a checkpoint with a fitted PCA."
-        )
+    config = model.config
+    if config.feature_input != "clean" or config.denoiser_input == "latent":
+        if not model.ldae.latent_tokenizer.is_fitted:
+            what = f"feature_input={config.feature_input!r}" if config.feature_input != "clean" else \
+                "A latent-input model (denoiser_input='latent')"
+            kind = "PCA tokenizer" if config.tokenizer_type == "pca" else f"{config.tokenizer_type} tokenizer"
+            raise InputError(f"{what} needs the checkpoint's {kind}, but {path!r} has none fitted or trained: use "
+                             "--feature_input clean, or a checkpoint whose tokenizer was fitted in pre-training.")
     return model
 
 

@@ -6,6 +6,13 @@ from transformers import PretrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
 FEATURE_INPUTS = ("clean", "pca", "noisy")
+# The deconstructive journey (ldae-method.md Sec. 9): each stage is a choice of these four, l-DAE the defaults.
+TOKENIZER_TYPES = ("pca", "identity", "patch_ae", "patch_vae", "conv_vae")
+ORTHONORMAL_TOKENIZERS = ("pca", "identity")  # a full orthonormal basis: Eq. 4's residual and the PCA feature inputs
+NOISE_SCHEDULES = ("linear_sigma", "linear_beta", "linear_gamma_squared")
+PREDICTION_TYPES = ("sample", "epsilon")
+DENOISER_INPUTS = ("pixels", "latent")
+DENOISER_OUTPUTS = ("pixels", "projected_pixels", "latent")
 CLASSIFIER_HEADS = ("linear_probe", "fine_tune")
 
 # Paper sizes (Sec. 4 of ldae-method.md): 256 px, patch 16, d = 32, decoder equal to the encoder.
@@ -26,6 +33,28 @@ PRESETS = {
         decoder_num_hidden_layers=2,
         num_attention_heads=4,
     ),
+}
+
+# Every stage of the journey from DiT to l-DAE (talk labels; ldae-method.md Sec. 9), as config values on top of a
+# size preset. Stage 3 is the tokenizer table, run at several `pca_dim`; "3-conv-vae" is stage 2d itself.
+_LATENT_EPSILON = dict(noise_schedule="linear_gamma_squared", prediction_type="epsilon", denoiser_input="latent",
+                       denoiser_output="latent")
+JOURNEY_STAGES = {
+    "2c": dict(_LATENT_EPSILON, tokenizer_type="conv_vae", noise_schedule="linear_beta"),
+    "2d": dict(_LATENT_EPSILON, tokenizer_type="conv_vae"),
+    "3-conv-vae": dict(_LATENT_EPSILON, tokenizer_type="conv_vae"),
+    "3-patch-vae": dict(_LATENT_EPSILON, tokenizer_type="patch_vae"),
+    "3-patch-ae": dict(_LATENT_EPSILON, tokenizer_type="patch_ae"),
+    "3-patch-pca": dict(_LATENT_EPSILON, tokenizer_type="pca"),
+    "4a": dict(_LATENT_EPSILON, tokenizer_type="pca", prediction_type="sample"),
+    "4b": dict(tokenizer_type="pca", noise_schedule="linear_sigma", prediction_type="sample", denoiser_input="latent",
+               denoiser_output="latent"),
+    "4c": dict(tokenizer_type="pca", noise_schedule="linear_sigma", prediction_type="sample", denoiser_input="pixels",
+               denoiser_output="latent"),
+    "4d": dict(tokenizer_type="pca", noise_schedule="linear_sigma", prediction_type="sample", denoiser_input="pixels",
+               denoiser_output="projected_pixels"),
+    "4e": dict(tokenizer_type="pca", noise_schedule="linear_sigma", prediction_type="sample", denoiser_input="pixels",
+               denoiser_output="pixels"),  # l-DAE: the defaults
 }
 
 
@@ -51,9 +80,34 @@ class LDAEConfig(BackboneConfigMixin, PretrainedConfig):
         initializer_range (`float`, *optional*, defaults to 0.02): std of the time-embedder initialisation.
         attention_probs_dropout_prob (`float`, *optional*, defaults to 0.0): attention dropout.
         drop_path_rate (`float`, *optional*, defaults to 0.0): stochastic depth, linearly increasing over blocks.
-        pca_dim (`int`, *optional*, defaults to 32): latent dimension d of the PCA tokenizer (1 <= d <= D).
-        num_timesteps (`int`, *optional*, defaults to 1000): T; sigma_t = sigma_max * t / (T - 1).
-        sigma_max (`float`, *optional*, defaults to sqrt(2)): largest noise level.
+        pca_dim (`int`, *optional*, defaults to 32): latent dimension d per token, for every tokenizer (1 <= d <= D).
+        tokenizer_type (`str`, *optional*, defaults to `"pca"`):
+            what maps images to d-dim latent tokens and back, fitted or trained before denoising, then frozen:
+            `"pca"` (the patch-wise PCA, l-DAE), `"identity"` (the pixels, d = D), `"patch_ae"` / `"patch_vae"`
+            (linear patch-wise autoencoder / VAE, U and V of d x D), `"conv_vae"` (diffusers' `AutoencoderKL`,
+            stride `patch_size / 2`, d / 4 channels, 2 x 2 latent patches per token; needs `diffusers`).
+        conv_vae_block_out_channels (`list[int]`, *optional*):
+            widths of the conv VAE's log2(patch_size) blocks; defaults to 32, 64, 128, 128, ...
+        noise_schedule (`str`, *optional*, defaults to `"linear_sigma"`):
+            `"linear_sigma"`: no signal scaling, z_t = z_0 + sigma_t eps, sigma_t = sigma_max * t / (T - 1) (l-DAE);
+            variance-preserving z_t = gamma_t z_0 + sigma_t eps with gamma_t^2 + sigma_t^2 = 1:
+            `"linear_beta"` (DDPM: gamma_t^2 = prod_{s <= t} (1 - beta_s), beta linear from `beta_start` to
+            `beta_end`) or `"linear_gamma_squared"` (gamma_t^2 = 1 - (t + 1) / T).
+        beta_start (`float`, *optional*, defaults to 1e-4), beta_end (`float`, *optional*, defaults to 0.02):
+            DDPM's betas, for `noise_schedule="linear_beta"`.
+        num_timesteps (`int`, *optional*, defaults to 1000): T.
+        sigma_max (`float`, *optional*, defaults to sqrt(2)): largest noise level of `"linear_sigma"`.
+        prediction_type (`str`, *optional*, defaults to `"sample"`):
+            as in `diffusers`: `"sample"` (the clean signal, loss weight lambda_t = gamma_t^2 / (gamma_t^2 +
+            sigma_t^2), i.e. 1 / (1 + sigma_t^2) unscaled and gamma_t^2 variance-preserving) or `"epsilon"` (the
+            noise, plain MSE: lambda_t = 1).
+        denoiser_input (`str`, *optional*, defaults to `"pixels"`):
+            `"pixels"`: the noisy latent brought back to an image by the inverse tokenizer, embedded by the patch
+            projection (l-DAE); `"latent"`: the latent tokens, embedded by a d-wide linear projection.
+        denoiser_output (`str`, *optional*, defaults to `"pixels"`):
+            `"pixels"`: the original image, Eq. 4 with `residual_loss_weight` (l-DAE; orthonormal tokenizers only);
+            `"projected_pixels"`: the tokenizer's reconstruction of the clean image (mu + V^T V (x - mu) for the
+            PCA), plain squared error; `"latent"`: the clean latent tokens (or eps) in d dimensions.
         single_noise_level (`float`, *optional*):
             if set, every training example uses this sigma instead of the multi-level schedule (paper ablation;
             the paper's "1/3" likely lost a square root, hence the default sqrt(1/3) of
@@ -102,8 +156,16 @@ class LDAEConfig(BackboneConfigMixin, PretrainedConfig):
         attention_probs_dropout_prob=0.0,
         drop_path_rate=0.0,
         pca_dim=32,
+        tokenizer_type="pca",
+        conv_vae_block_out_channels=None,
+        noise_schedule="linear_sigma",
+        beta_start=1e-4,
+        beta_end=0.02,
         num_timesteps=1000,
         sigma_max=math.sqrt(2),
+        prediction_type="sample",
+        denoiser_input="pixels",
+        denoiser_output="pixels",
         single_noise_level=None,
         residual_loss_weight=0.1,
         time_embed_dim=None,
@@ -133,8 +195,16 @@ class LDAEConfig(BackboneConfigMixin, PretrainedConfig):
         self.attention_probs_dropout_prob = attention_probs_dropout_prob
         self.drop_path_rate = drop_path_rate
         self.pca_dim = pca_dim
+        self.tokenizer_type = tokenizer_type
+        self.conv_vae_block_out_channels = conv_vae_block_out_channels
+        self.noise_schedule = noise_schedule
+        self.beta_start = beta_start
+        self.beta_end = beta_end
         self.num_timesteps = num_timesteps
         self.sigma_max = sigma_max
+        self.prediction_type = prediction_type
+        self.denoiser_input = denoiser_input
+        self.denoiser_output = denoiser_output
         self.single_noise_level = single_noise_level
         self.residual_loss_weight = residual_loss_weight
         self.time_embed_dim = time_embed_dim if time_embed_dim is not None else hidden_size // 4
@@ -165,6 +235,21 @@ class LDAEConfig(BackboneConfigMixin, PretrainedConfig):
         """D: values per patch."""
         return self.patch_size * self.patch_size * self.num_channels
 
+    @property
+    def variance_preserving(self) -> bool:
+        return self.noise_schedule != "linear_sigma"
+
+    @property
+    def output_dim(self) -> int:
+        """Values the denoiser predicts per token: a patch's pixels, or its d latent values."""
+        return self.pca_dim if self.denoiser_output == "latent" else self.patch_dim
+
+    @property
+    def conv_vae_widths(self) -> list[int]:
+        """The conv VAE's block widths: log2(patch_size) blocks, so that its stride is patch_size / 2."""
+        num_blocks = int(math.log2(self.patch_size))
+        return list(self.conv_vae_block_out_channels or [32 * 2 ** min(i, 2) for i in range(num_blocks)])
+
     def validate_ldae(self):
         """Raise a `ValueError` naming the field, the value and what is expected."""
 
@@ -189,6 +274,7 @@ class LDAEConfig(BackboneConfigMixin, PretrainedConfig):
                f"one of {CLASSIFIER_HEADS}")
         expect(self.single_noise_level is None or self.single_noise_level >= 0, "single_noise_level",
                self.single_noise_level, "None (multi-level noise) or a sigma >= 0")
+        self.validate_journey(expect)
         strides = self.feature_pyramid_strides
         expect(strides is None or (len(strides) > 0 and all(
             isinstance(s, int) and s > 0 and math.log2(s / self.patch_size).is_integer() for s in strides)),
@@ -196,9 +282,50 @@ class LDAEConfig(BackboneConfigMixin, PretrainedConfig):
         expect(strides is None or self._out_features is None or len(self._out_features) == 1, "out_features",
                self._out_features, "one stage when feature_pyramid_strides is set (the pyramid is built from one map)")
 
+    def validate_journey(self, expect):
+        """The tokenizer, schedule, input and target: each a valid choice, and together a combination that means
+        something (each error names the valid choices)."""
+        for name, choices in (("tokenizer_type", TOKENIZER_TYPES), ("noise_schedule", NOISE_SCHEDULES),
+                              ("prediction_type", PREDICTION_TYPES), ("denoiser_input", DENOISER_INPUTS),
+                              ("denoiser_output", DENOISER_OUTPUTS)):
+            expect(getattr(self, name) in choices, name, getattr(self, name), f"one of {choices}")
+        tokenizer, orthonormal = self.tokenizer_type, self.tokenizer_type in ORTHONORMAL_TOKENIZERS
+        expect(tokenizer != "identity" or self.pca_dim == self.patch_dim, "pca_dim", self.pca_dim,
+               f"D = {self.patch_dim} with tokenizer_type='identity' (the pixels are the latent)")
+        if tokenizer == "conv_vae":
+            expect(self.pca_dim % 4 == 0, "pca_dim", self.pca_dim,
+                   "a multiple of 4 with tokenizer_type='conv_vae' (a token is 2 x 2 latent pixels of d / 4 channels)")
+            expect(self.patch_size >= 2 and math.log2(self.patch_size).is_integer(), "patch_size", self.patch_size,
+                   "a power of 2 with tokenizer_type='conv_vae' (its stride is patch_size / 2)")
+            expect(len(self.conv_vae_widths) == int(math.log2(self.patch_size)), "conv_vae_block_out_channels",
+                   self.conv_vae_block_out_channels, f"{int(math.log2(self.patch_size))} widths (log2 of patch_size)")
+        expect(self.denoiser_output != "pixels" or orthonormal, "denoiser_output", self.denoiser_output,
+               f"'projected_pixels' or 'latent' with tokenizer_type={tokenizer!r}: the original-image target "
+               f"(Eq. 4) needs a full orthonormal basis, i.e. tokenizer_type in {ORTHONORMAL_TOKENIZERS}")
+        expect(self.prediction_type != "epsilon" or self.denoiser_output == "latent", "denoiser_output",
+               self.denoiser_output, "'latent' with prediction_type='epsilon' (the noise lives in the latent)")
+        expect(self.prediction_type != "epsilon" or self.variance_preserving, "noise_schedule", self.noise_schedule,
+               "'linear_beta' or 'linear_gamma_squared' with prediction_type='epsilon' (at sigma = 0 of "
+               "'linear_sigma' the noise cannot be predicted)")
+        if self.variance_preserving:
+            expect(self.single_noise_level is None, "single_noise_level", self.single_noise_level,
+                   f"None with noise_schedule={self.noise_schedule!r} (a single sigma is an ablation of the unscaled "
+                   "'linear_sigma' schedule)")
+            expect(math.isclose(self.sigma_max, math.sqrt(2)), "sigma_max", self.sigma_max,
+                   f"its default sqrt(2) with noise_schedule={self.noise_schedule!r} (a variance-preserving schedule "
+                   "ends at sigma = 1; sigma_max shapes 'linear_sigma' only)")
+        expect(0 < self.beta_start < self.beta_end < 1, "beta_start", (self.beta_start, self.beta_end),
+               "0 < beta_start < beta_end < 1")
+        expect(self.feature_input == "clean" or orthonormal, "feature_input", self.feature_input,
+               f"'clean' with tokenizer_type={tokenizer!r}: 'pca' and 'noisy' are PCA-latent ablations, defined for "
+               f"tokenizer_type in {ORTHONORMAL_TOKENIZERS}")
+
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "LDAEConfig":
-        """One of `PRESETS` (`ldae-vit-base`, `ldae-vit-half-large`, `ldae-vit-large`, `ldae-tiny`), with overrides."""
+    def from_preset(cls, name: str, journey_stage: str | None = None, **overrides) -> "LDAEConfig":
+        """One of `PRESETS` (`ldae-vit-base`, `ldae-vit-half-large`, `ldae-vit-large`, `ldae-tiny`), optionally at a
+        stage of the deconstructive journey (`JOURNEY_STAGES`: "2c", "2d", "3-patch-ae", ..., "4e"), with overrides."""
         if name not in PRESETS:
             raise ValueError(f"Unknown l-DAE preset {name!r}: expected one of {sorted(PRESETS)}.")
-        return cls(**{**PRESETS[name], **overrides})
+        if journey_stage is not None and journey_stage not in JOURNEY_STAGES:
+            raise ValueError(f"Unknown journey stage {journey_stage!r}: expected one of {list(JOURNEY_STAGES)}.")
+        return cls(**{**PRESETS[name], **JOURNEY_STAGES.get(journey_stage, {}), **overrides})

@@ -5,9 +5,13 @@ Read top to bottom, this file follows the data: patches -> fixed patch-wise PCA 
 PCA latent -> back to pixels -> DiT-style ViT blocks with adaLN-Zero time conditioning (encoder = the first
 `num_hidden_layers` blocks of one stack, decoder = the rest) -> heads (clean-image prediction for pre-training,
 average-pooled encoder features, classifiers) -> the backbone for dense heads (feature maps, ViTDet's pyramid).
+The paper's deconstructive journey lives in the same path as config values (`configuration_ldae.JOURNEY_STAGES`):
+other tokenizers (identity, patch AE / VAE, conv VAE), variance-preserving schedules, latent tokens as input,
+epsilon or latent targets.
 
 `save_pretrained` copies this file for `trust_remote_code`, so it imports only torch and transformers: the small
-layers timm would give (MLP, drop path) are written here, as transformers' single-file policy does.
+layers timm would give (MLP, drop path) are written here, as transformers' single-file policy does. The one
+exception, diffusers' `AutoencoderKL` for the conv-VAE tokenizer, is imported only when such a model is built.
 """
 
 import math
@@ -43,7 +47,7 @@ def _value_checks_enabled() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Patches and the PCA tokenizer
+# Patches and tokenizers: the fixed patch PCA (l-DAE), the identity, and the journey's learned ones
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -64,41 +68,50 @@ def unpatchify(patches: torch.Tensor, patch_size: int, height: int, width: int) 
     return pixels.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, height, width)
 
 
-class LDAEPatchPCA(nn.Module):
+class LDAEFloat32Module(nn.Module):
+    """A tokenizer stays fp32 whatever the model dtype (at t = 10, sigma = 0.014 is below bf16 rounding of pixels):
+    `model.to(torch.bfloat16)` casts every floating tensor, and rounding would already lose the small noise levels,
+    so the originals are kept and only the device move applies."""
+
+    def _apply(self, fn, *args, **kwargs):
+        originals = {name: tensor.data for name, tensor in [*self.named_parameters(), *self.named_buffers()]}
+        super()._apply(fn, *args, **kwargs)
+        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+            original = originals[name]
+            if tensor.dtype != original.dtype:
+                restored = original.to(device=tensor.device)
+                if isinstance(tensor, nn.Parameter):
+                    tensor.data = restored
+                else:
+                    owner, _, attribute = name.rpartition(".")
+                    self.get_submodule(owner)._buffers[attribute] = restored
+        return self
+
+    def require_fitted(self, purpose: str):
+        if _value_checks_enabled() and not self.is_fitted:
+            raise ValueError(f"{purpose} needs a fitted {self.kind}, but this model's {self.unfitted}.")
+
+
+class LDAEPatchPCA(LDAEFloat32Module):
     """The fixed patch-wise PCA: mean mu (D), orthonormal basis V_full (D x D, rows by descending eigenvalue) and the
-    eigenvalues. All fp32 whatever the model dtype (at t = 10, sigma = 0.014 is below bf16 rounding of pixels).
-    All-zero eigenvalues mean "not fitted"."""
+    eigenvalues; all-zero eigenvalues mean "not fitted". With `tokenizer_type="identity"` it starts as the identity
+    (mu = 0, V = I, d = D: the latent is the pixels) and needs no fit."""
+
+    kind = "PCA tokenizer"
+    unfitted = ("PCA is not fitted (all-zero eigenvalues). Fit one with `modeling_ldae.fit_patch_pca(...)` and call "
+                "`model.set_pca(mean, components, eigenvalues)`, or load a checkpoint that has one")
 
     def __init__(self, config: LDAEConfig):
         super().__init__()
-        self.pca_dim = config.pca_dim
+        self.pca_dim, self.patch_size = config.pca_dim, config.patch_size
         dim = config.patch_dim
         self.register_buffer("mean", torch.zeros(dim, dtype=torch.float32))
         self.register_buffer("components", torch.eye(dim, dtype=torch.float32))
-        self.register_buffer("eigenvalues", torch.zeros(dim, dtype=torch.float32))
-
-    def _apply(self, fn, *args, **kwargs):
-        # `model.to(torch.bfloat16)` casts every floating buffer; rounding the basis would already lose the small
-        # noise levels, so keep the originals and apply only the device move.
-        originals = dict(self._buffers)
-        super()._apply(fn, *args, **kwargs)
-        for name, original in originals.items():
-            moved = self._buffers[name]
-            if original is not None and moved.dtype != original.dtype:
-                self._buffers[name] = original.to(device=moved.device)
-        return self
+        self.register_buffer("eigenvalues", torch.full((dim,), float(config.tokenizer_type == "identity")))
 
     @property
     def is_fitted(self) -> bool:
         return bool(self.eigenvalues.abs().sum() > 0)
-
-    def require_fitted(self, purpose: str):
-        if _value_checks_enabled() and not self.is_fitted:
-            raise ValueError(
-                f"{purpose} needs a fitted PCA tokenizer, but this model's PCA is not fitted (all-zero eigenvalues). "
-                "Fit one with `modeling_ldae.fit_patch_pca(...)` and call `model.set_pca(mean, components, "
-                "eigenvalues)`, or load a checkpoint that has one."
-            )
 
     @torch.no_grad()
     def set(self, mean: torch.Tensor, components: torch.Tensor, eigenvalues: torch.Tensor):
@@ -131,14 +144,149 @@ class LDAEPatchPCA(nn.Module):
         """Inverse PCA mu + V^T z: the PCA residual (I - V^T V)(x - mu) is not recovered."""
         return self.mean + latent @ self.components[: self.pca_dim]
 
+    # The tokenizer interface, shared with the learned tokenizers below: images <-> (batch, tokens, d).
+
+    def encode_images(self, pixel_values: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        return self.encode(patchify(pixel_values, self.patch_size))
+
+    def decode_images(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return unpatchify(self.decode(tokens), self.patch_size, height, width)
+
+
+class LDAELearnedTokenizer(LDAEFloat32Module):
+    """The base of the trained tokenizers (stage 3 of the journey): an encoder posterior N(mean, std^2) per token
+    (std None: a plain autoencoder) and a decoder, trained before denoising (`modeling_ldae.tokenizers`), then
+    frozen. `latent_scale` (one scalar, fitted after training; 0 = not trained) makes the mean per-dimension
+    variance of the latent equal the PCA's at the same d, so that a noise level means the same for every
+    tokenizer. The denoiser trains on posterior samples (as DiT does on its VAE) and is evaluated on the mean."""
+
+    kind = "learned tokenizer"
+    unfitted = ("tokenizer is not trained (latent_scale 0). Train it with run_pretrain.py (stage 1, or "
+                "--tokenizer_from a run that trained one), or load a checkpoint that has one")
+
+    def __init__(self, config: LDAEConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.register_buffer("latent_scale", torch.zeros((), dtype=torch.float32))
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.latent_scale > 0)
+
+    def posterior(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean, std) of the unscaled latent tokens, each (batch, tokens, d); std is None for an autoencoder."""
+        raise NotImplementedError
+
+    def reconstruct(self, latent: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Unscaled latent tokens -> images."""
+        raise NotImplementedError
+
+    def encode_images(self, pixel_values: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        mean, std = self.posterior(pixel_values)
+        if sample and std is not None:
+            mean = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean * self.latent_scale
+
+    def decode_images(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return self.reconstruct(tokens / self.latent_scale, height, width)
+
+
+class LDAEPatchAutoencoder(LDAELearnedTokenizer):
+    """Patch-wise linear AE, x -> V x + b -> U^T z + c (U, V of d x D), or, with `variational`, a patch-wise VAE
+    whose posterior is N(V x + b, diag sigma^2) with one learned sigma per latent dimension."""
+
+    def __init__(self, config: LDAEConfig, variational: bool):
+        super().__init__(config)
+        self.encoder = nn.Linear(config.patch_dim, config.pca_dim)
+        self.decoder = nn.Linear(config.pca_dim, config.patch_dim)
+        self.log_std = nn.Parameter(torch.zeros(config.pca_dim)) if variational else None
+
+    def posterior(self, pixel_values):
+        mean = self.encoder(patchify(pixel_values, self.patch_size))
+        return mean, None if self.log_std is None else self.log_std.exp().expand_as(mean)
+
+    def reconstruct(self, latent, height, width):
+        return unpatchify(self.decoder(latent), self.patch_size, height, width)
+
+
+class LDAEConvVAE(LDAELearnedTokenizer):
+    """A convolutional VAE, `diffusers`' `AutoencoderKL` (MSE + KL, no perceptual or GAN loss: the journey's 2c),
+    with stride patch_size / 2 and d / 4 latent channels; each token is a 2 x 2 latent patch, as DiT patchifies
+    its VAE latent, so the token grid equals the patch grid of the other tokenizers."""
+
+    def __init__(self, config: LDAEConfig):
+        super().__init__(config)
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError:
+            raise ImportError("This l-DAE model's tokenizer is a convolutional VAE (tokenizer_type='conv_vae'), "
+                              "built on diffusers' AutoencoderKL: install it with `pip install diffusers` (or "
+                              "`pip install 'ldae[diffusers]'`).") from None
+        widths = config.conv_vae_widths
+        self.vae = AutoencoderKL(
+            in_channels=config.num_channels, out_channels=config.num_channels,
+            down_block_types=("DownEncoderBlock2D",) * len(widths), up_block_types=("UpDecoderBlock2D",) * len(widths),
+            block_out_channels=tuple(widths), layers_per_block=1, latent_channels=config.pca_dim // 4,
+            norm_num_groups=min(32, widths[0]), sample_size=config.image_size, scaling_factor=1.0,
+            mid_block_add_attention=False,  # convolutions only: the small latents of the study need no attention
+        )
+
+    def posterior(self, pixel_values):
+        distribution = self.vae.encode(pixel_values).latent_dist
+        return patchify(distribution.mean, 2), patchify(distribution.std, 2)
+
+    def reconstruct(self, latent, height, width):
+        stride = self.patch_size // 2
+        return self.vae.decode(unpatchify(latent, 2, height // stride, width // stride)).sample
+
+
+def make_tokenizer(config: LDAEConfig) -> LDAEFloat32Module:
+    if config.tokenizer_type in ("pca", "identity"):
+        return LDAEPatchPCA(config)
+    if config.tokenizer_type == "conv_vae":
+        return LDAEConvVAE(config)
+    return LDAEPatchAutoencoder(config, variational=config.tokenizer_type == "patch_vae")
+
 
 # ----------------------------------------------------------------------------------------------------------------
-# Noise: sigma_t linear from 0 to sigma_max over T steps, added in the latent (no signal scaling)
+# Noise, added in the latent: z_t = gamma_t z_0 + sigma_t eps. l-DAE: no signal scaling (gamma_t = 1), sigma_t linear
+# from 0 to sigma_max over T steps. The journey's earlier stages: variance-preserving schedules, gamma^2 + sigma^2 = 1.
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def timestep_to_sigma(timesteps: torch.Tensor, config: LDAEConfig) -> torch.Tensor:
-    return timesteps.to(torch.float32) * (config.sigma_max / (config.num_timesteps - 1))
+    """sigma_t of the schedule, fp32."""
+    if config.noise_schedule == "linear_sigma":
+        return timesteps.to(torch.float32) * (config.sigma_max / (config.num_timesteps - 1))
+    return noise_levels(timesteps, config)[1]
+
+
+def noise_levels(timesteps: torch.Tensor, config: LDAEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gamma_t, sigma_t) per timestep, fp32. Written here rather than taken from `diffusers`' schedulers so that
+    PCA checkpoints need only torch; `DDPMScheduler(beta_schedule="linear").alphas_cumprod` equals gamma_t^2 of
+    "linear_beta" (tested)."""
+    if config.noise_schedule == "linear_sigma":
+        sigma = timestep_to_sigma(timesteps, config)
+        return torch.ones_like(sigma), sigma
+    if config.noise_schedule == "linear_beta":
+        betas = torch.linspace(config.beta_start, config.beta_end, config.num_timesteps, dtype=torch.float64,
+                               device=timesteps.device)
+        gamma_squared = torch.cumprod(1 - betas, dim=0)[timesteps]
+    else:  # "linear_gamma_squared": 1 > gamma^2 >= 0, falling linearly (the paper gives no offset; this one ends at 0)
+        gamma_squared = 1 - (timesteps.to(torch.float64) + 1) / config.num_timesteps
+    return gamma_squared.sqrt().float(), (1 - gamma_squared).sqrt().float()
+
+
+def loss_weights(timesteps: torch.Tensor, config: LDAEConfig) -> torch.Tensor:
+    """lambda_t: 1 for epsilon prediction (plain MSE, no learned variance or VLB term); for the clean sample
+    gamma^2 / (gamma^2 + sigma^2) = SNR / (1 + SNR): 1 / (1 + sigma^2) unscaled (l-DAE), gamma^2 variance-preserving
+    (4a). One formula, as the eps loss is SNR times the sample loss."""
+    if config.prediction_type == "epsilon":
+        return torch.ones(timesteps.shape, device=timesteps.device)
+    if not config.variance_preserving:  # gamma = 1: the l-DAE step stays as lean as before
+        return 1.0 / (1.0 + timestep_to_sigma(timesteps, config).square())
+    gamma, sigma = noise_levels(timesteps, config)
+    return gamma.square() / (gamma.square() + sigma.square())
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -183,14 +331,18 @@ def sincos_position_embeddings(hidden_size: int, grid_h: int, grid_w: int) -> to
 
 
 class LDAEEmbeddings(nn.Module):
-    """Patch projection plus fixed sin-cos positions; no class token."""
+    """Token projection plus fixed sin-cos positions; no class token. The tokens are image patches (the patch
+    projection, l-DAE) or, with `denoiser_input="latent"`, the d-dim latent tokens (a linear projection)."""
 
     def __init__(self, config: LDAEConfig):
         super().__init__()
         self.config = config
-        self.patch_embeddings = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
-        )
+        if config.denoiser_input == "latent":
+            self.latent_embeddings = nn.Linear(config.pca_dim, config.hidden_size)
+        else:
+            self.patch_embeddings = nn.Conv2d(
+                config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+            )
         grid = config.image_size // config.patch_size
         # Not saved, so any resolution loads; `_init_weights` recomputes it after meta-device loading, and it holds
         # the table from the start, so a model built with weight initialisation skipped has it too.
@@ -198,16 +350,27 @@ class LDAEEmbeddings(nn.Module):
             "position_embeddings", sincos_position_embeddings(config.hidden_size, grid, grid), persistent=False
         )
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        embeddings = self.patch_embeddings(pixel_values)
-        _, _, grid_h, grid_w = embeddings.shape
+    @property
+    def projection(self) -> nn.Module:
+        return self.latent_embeddings if self.config.denoiser_input == "latent" else self.patch_embeddings
+
+    def forward(self, inputs: torch.Tensor, grid_h: int | None = None, grid_w: int | None = None) -> torch.Tensor:
+        """`inputs`: images (batch, C, H, W), or latent tokens (batch, grid_h * grid_w, d) on a grid of
+        `grid_h` x `grid_w` tokens (default: the configured image size's)."""
         grid = self.config.image_size // self.config.patch_size
+        if self.config.denoiser_input == "latent":
+            embeddings = self.latent_embeddings(inputs.to(self.latent_embeddings.weight.dtype))
+            grid_h, grid_w = grid_h or grid, grid_w or grid
+        else:
+            embeddings = self.patch_embeddings(inputs.to(self.patch_embeddings.weight.dtype))
+            grid_h, grid_w = embeddings.shape[-2:]
+            embeddings = embeddings.flatten(2).transpose(1, 2)
         if (grid_h, grid_w) == (grid, grid):
             positions = self.position_embeddings.to(embeddings.dtype)
         else:
             # Sin-cos positions are a function of the grid: recompute them exactly instead of interpolating.
             positions = sincos_position_embeddings(self.config.hidden_size, grid_h, grid_w).to(embeddings)
-        return embeddings.flatten(2).transpose(1, 2) + positions
+        return embeddings + positions
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -321,13 +484,14 @@ class LDAEBlock(GradientCheckpointingLayer):
 
 
 class LDAEFinalLayer(nn.Module):
-    """adaLN LayerNorm + Linear to the p * p * C pixels of each patch (DiT's final layer)."""
+    """adaLN LayerNorm + Linear to each token's prediction: its p * p * C pixels, or its d latent values (DiT's final
+    layer)."""
 
     def __init__(self, config: LDAEConfig):
         super().__init__()
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, elementwise_affine=False)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.time_embed_dim, 2 * config.hidden_size))
-        self.linear = nn.Linear(config.hidden_size, config.patch_dim)
+        self.linear = nn.Linear(config.hidden_size, config.output_dim)
 
     def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(conditioning).chunk(2, dim=-1)
@@ -354,13 +518,18 @@ def make_image_processor(image_size: int, crop_pct: float = 0.875) -> ConvNextIm
 @dataclass
 class LDAEForPreTrainingOutput(ModelOutput):
     r"""
-    loss (`torch.FloatTensor` of shape `()`): the paper's Eq. 4, lambda_t-weighted, residual components down-weighted,
-        mean over patches and batch (fp32).
-    logits (`torch.FloatTensor` of shape `(batch_size, num_patches, patch_size ** 2 * num_channels)`):
-        predicted clean patches (see `modeling_ldae.unpatchify` for images).
+    loss (`torch.FloatTensor` of shape `()`): lambda_t-weighted squared error per token, mean over tokens and batch
+        (fp32); for l-DAE the paper's Eq. 4, residual components down-weighted.
+    logits (`torch.FloatTensor` of shape `(batch_size, num_patches, config.output_dim)`):
+        the prediction per token: clean patches for l-DAE (see `modeling_ldae.unpatchify` for images), else per
+        `config.denoiser_output` and `config.prediction_type` (`LDAEForPreTraining.denoised_images` turns any of
+        them into images).
     noisy_pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
-        the network input mu + V^T (V (x - mu) + sigma_t * eps), as an image.
+        the network input mu + V^T (V (x - mu) + sigma_t * eps), as an image; None when the network takes latent
+        tokens (`denoiser_input="latent"`).
     timesteps (`torch.LongTensor` of shape `(batch_size,)`): the t of each example.
+    targets (`torch.FloatTensor` of the shape of `logits`): what `logits` is trained towards (fp32).
+    noisy_latents (`torch.FloatTensor` of shape `(batch_size, num_patches, pca_dim)`): z_t = gamma_t z_0 + sigma_t eps.
     hidden_states, attentions: as in every `transformers` model, one entry per block (plus the embeddings).
     """
 
@@ -368,6 +537,8 @@ class LDAEForPreTrainingOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     noisy_pixel_values: torch.FloatTensor | None = None
     timesteps: torch.LongTensor | None = None
+    targets: torch.FloatTensor | None = None
+    noisy_latents: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -382,7 +553,7 @@ class LDAEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _no_split_modules = ["LDAEBlock"]
-    _keep_in_fp32_modules_strict = ["pca"]
+    _keep_in_fp32_modules_strict = ["pca", "tokenizer"]
     # Hidden states = the embeddings, then every block's output; attentions = each block's weights.
     _can_record_outputs = {"hidden_states": LDAEBlock, "attentions": LDAEAttention}
 
@@ -405,16 +576,21 @@ class LDAEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, LDAEEmbeddings):
             # DiT: xavier-uniform of the projection seen as a (hidden, C * p * p) matrix. Bound computed here because
             # init on a view would bypass the loaded-tensor guard of `transformers.initialization`.
-            weight = module.patch_embeddings.weight
+            weight = module.projection.weight
             bound = math.sqrt(6.0 / (weight.shape[0] + weight[0].numel()))
             init.uniform_(weight, -bound, bound)
-            init.zeros_(module.patch_embeddings.bias)
+            init.zeros_(module.projection.bias)
             grid_h = grid_w = self.config.image_size // self.config.patch_size
             init.copy_(module.position_embeddings, sincos_position_embeddings(self.config.hidden_size, grid_h, grid_w))
         elif isinstance(module, LDAEPatchPCA):
             init.zeros_(module.mean)
             init.eye_(module.components)
-            init.zeros_(module.eigenvalues)
+            # The identity tokenizer is "fitted" from the start; a PCA is not until `set_pca`.
+            (init.ones_ if self.config.tokenizer_type == "identity" else init.zeros_)(module.eigenvalues)
+        elif isinstance(module, LDAELearnedTokenizer):
+            init.zeros_(module.latent_scale)  # not trained
+            if getattr(module, "log_std", None) is not None:
+                init.zeros_(module.log_std)
         elif isinstance(module, LDAETimestepEmbedder):
             init.normal_(module.mlp[0].weight, std=std)
             init.normal_(module.mlp[2].weight, std=std)
@@ -430,7 +606,7 @@ class LDAEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.classifier.bias)
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.base_model.embeddings.patch_embeddings
+        return self.base_model.embeddings.projection
 
     def merge_time_conditioning(self, timestep: int | None = None):
         """See `LDAEModel.merge_time_conditioning`; the fine-tuning and export form of the encoder."""
@@ -440,6 +616,9 @@ class LDAEPreTrainedModel(PreTrainedModel):
     def set_pca(self, mean: torch.Tensor, components: torch.Tensor, eigenvalues: torch.Tensor):
         """Install a fitted PCA tokenizer (from `fit_patch_pca`): mean (D,), components (D, D) as orthonormal rows
         sorted by the descending eigenvalues (D,). May be called again to replace it."""
+        if self.config.tokenizer_type != "pca":
+            raise ValueError(f"set_pca: this model's tokenizer is {self.config.tokenizer_type!r}, not a PCA: "
+                             "learned tokenizers are trained by run_pretrain.py's stage 1, the identity needs none.")
         self.base_model.pca.set(mean, components, eigenvalues)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -465,6 +644,8 @@ class LDAEPreTrainedModel(PreTrainedModel):
         # checkpoint, so refuse. Missing decoder blocks or heads stay warnings (new heads are expected).
         return_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        # Loading puts new Parameters in place, which forget `requires_grad_(False)`: freeze the tokenizer again.
+        model.base_model.latent_tokenizer.requires_grad_(False)
         required = sorted(key for key in info["missing_keys"] if model._is_backbone_key(key))
         if required:
             shown = ", ".join(required[:8]) + (f" and {len(required) - 8} more" if len(required) > 8 else "")
@@ -477,7 +658,7 @@ class LDAEPreTrainedModel(PreTrainedModel):
 
     def _is_backbone_key(self, key: str) -> bool:
         name = key.removeprefix(f"{self.base_model_prefix}.")
-        if name.startswith(("pca.", "embeddings.", "time_embedder.")):
+        if name.startswith(("pca.", "tokenizer.", "embeddings.", "time_embedder.")):
             return True
         if name.startswith("blocks."):
             return int(name.split(".")[1]) < self.config.num_hidden_layers
@@ -495,7 +676,12 @@ class LDAEModel(LDAEPreTrainedModel):
     def __init__(self, config: LDAEConfig, add_decoder: bool = False):
         super().__init__(config)
         self.config = config
-        self.pca = LDAEPatchPCA(config)
+        # The PCA keeps its `ldae.pca.*` names (checkpoints of every version load); learned tokenizers are
+        # `ldae.tokenizer.*`, frozen: never in an optimizer, a layer-decay group or a parameter count.
+        if config.tokenizer_type in ("pca", "identity"):
+            self.pca = make_tokenizer(config)
+        else:
+            self.tokenizer = make_tokenizer(config).requires_grad_(False)
         self.embeddings = LDAEEmbeddings(config)
         self.time_embedder = None if config.time_conditioning_merged else LDAETimestepEmbedder(config)
         depth = config.num_hidden_layers + (config.decoder_num_hidden_layers if add_decoder else 0)
@@ -557,39 +743,57 @@ class LDAEModel(LDAEPreTrainedModel):
             )
         return timesteps
 
+    @property
+    def latent_tokenizer(self) -> LDAEFloat32Module:
+        """The tokenizer, whichever it is (`self.pca` for the PCA and the identity, else `self.tokenizer`)."""
+        return self.pca if self.config.tokenizer_type in ("pca", "identity") else self.tokenizer
+
+    def add_noise(self, latents: torch.Tensor, timesteps: torch.Tensor, noise=None, generator=None):
+        """z_t = gamma_t z_0 + sigma_t eps on (batch, tokens, d) latents, fp32. Returns (z_t, eps)."""
+        expected = tuple(latents.shape)
+        if noise is None:
+            noise = torch.randn(expected, generator=generator, device=latents.device, dtype=torch.float32)
+        elif tuple(noise.shape) != expected:
+            raise ValueError(f"`noise` has shape {tuple(noise.shape)}, expected (batch, num_patches, pca_dim) = "
+                             f"{expected}.")
+        if not self.config.variance_preserving:
+            return latents + timestep_to_sigma(timesteps, self.config)[:, None, None] * noise.float(), noise.float()
+        gamma, sigma = noise_levels(timesteps, self.config)
+        return gamma[:, None, None] * latents + sigma[:, None, None] * noise.float(), noise.float()
+
     def add_latent_noise(self, pixel_values, timesteps, noise=None, generator=None):
-        """x_t = mu + V^T (V (x - mu) + sigma_t * eps), in fp32 with autocast off. Returns (x_t as patches, x0 patches)."""
-        config = self.config
+        """Images -> noisy images in the tokenizer's latent: x_t = mu + V^T (gamma_t V (x - mu) + sigma_t eps) for
+        the PCA. Returns (x_t as patches, x0 patches), fp32 with autocast off."""
         with torch.autocast(device_type=pixel_values.device.type, enabled=False):
-            clean = patchify(pixel_values.float(), config.patch_size)
-            batch, num_patches, _ = clean.shape
-            expected = (batch, num_patches, config.pca_dim)
-            if noise is None:
-                noise = torch.randn(expected, generator=generator, device=clean.device, dtype=torch.float32)
-            elif tuple(noise.shape) != expected:
-                raise ValueError(
-                    f"`noise` has shape {tuple(noise.shape)}, expected (batch, num_patches, pca_dim) = {expected}."
-                )
-            sigma = timestep_to_sigma(timesteps, config)[:, None, None]
-            noisy = self.pca.decode(self.pca.encode(clean) + sigma * noise.float())
-        return noisy, clean
+            pixel_values = pixel_values.float()
+            tokenizer, (height, width) = self.latent_tokenizer, pixel_values.shape[-2:]
+            noisy, _ = self.add_noise(tokenizer.encode_images(pixel_values), timesteps, noise, generator)
+            noisy = tokenizer.decode_images(noisy, height, width)
+        return patchify(noisy, self.config.patch_size), patchify(pixel_values, self.config.patch_size)
 
     def feature_input(self, pixel_values, timesteps, noise=None):
-        """What the encoder sees for features: clean image, its PCA projection, or latent-noised at t."""
-        mode = self.config.feature_input
-        if mode == "clean":
+        """What the encoder sees for features: the clean image (or, for a latent-space denoiser, its latent tokens,
+        the posterior mean), its PCA projection, or latent-noised at t."""
+        config, mode = self.config, self.config.feature_input
+        if mode == "clean" and config.denoiser_input == "pixels":
             return pixel_values
-        self.pca.require_fitted(f"feature_input={mode!r}")
-        if mode == "pca":
-            with torch.autocast(device_type=pixel_values.device.type, enabled=False):
-                projected = self.pca.decode(self.pca.encode(patchify(pixel_values.float(), self.config.patch_size)))
-        else:
-            # Fixed-seed noise in eval mode keeps features deterministic (fresh noise while training).
-            generator = None
-            if not self.training and noise is None:
-                generator = torch.Generator(device=pixel_values.device).manual_seed(0)
-            projected, _ = self.add_latent_noise(pixel_values, timesteps, noise, generator)
-        return unpatchify(projected, self.config.patch_size, *pixel_values.shape[-2:]).to(pixel_values.dtype)
+        tokenizer = self.latent_tokenizer
+        tokenizer.require_fitted(f"feature_input={mode!r}" if mode != "clean" else "A latent-space denoiser")
+        with torch.autocast(device_type=pixel_values.device.type, enabled=False):
+            latents = tokenizer.encode_images(pixel_values.float())
+            if mode == "noisy":
+                # Fixed-seed noise in eval mode keeps features deterministic (fresh noise while training).
+                generator = None
+                if not self.training and noise is None:
+                    generator = torch.Generator(device=pixel_values.device).manual_seed(0)
+                latents, _ = self.add_noise(latents, timesteps, noise, generator)
+            if config.denoiser_input == "latent":
+                return latents
+            return tokenizer.decode_images(latents, *pixel_values.shape[-2:]).to(pixel_values.dtype)
+
+    def embed(self, inputs: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        grid_h, grid_w = (size // self.config.patch_size for size in pixel_values.shape[-2:])
+        return self.embeddings(inputs, grid_h, grid_w)
 
     # -- blocks ---------------------------------------------------------------------------------------------------
 
@@ -620,12 +824,12 @@ class LDAEModel(LDAEPreTrainedModel):
         noise (`torch.FloatTensor` of shape `(batch_size, num_patches, pca_dim)`, *optional*):
             latent noise for `feature_input="noisy"` (otherwise sampled; fixed seed in eval mode).
 
+        The input is the clean image (at `feature_timestep`), or its latent tokens for a latent-space denoiser.
         Returns `last_hidden_state` (the encoder output, no extra norm) and `pooler_output` (its mean over patches).
         """
         self.check_pixel_values(pixel_values, interpolate_pos_encoding)
         timesteps = self.resolve_timesteps(timesteps, pixel_values.shape[0], pixel_values.device)
-        inputs = self.feature_input(pixel_values, timesteps, noise)
-        hidden_states = self.embeddings(inputs.to(self.embeddings.patch_embeddings.weight.dtype))
+        hidden_states = self.embed(self.feature_input(pixel_values, timesteps, noise), pixel_values)
         hidden_states = self.run_blocks(hidden_states, self.conditioning(timesteps),
                                         self.blocks[: self.config.num_hidden_layers], **kwargs)
         return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=hidden_states.mean(dim=1))
@@ -642,7 +846,7 @@ class LDAEModel(LDAEPreTrainedModel):
             raise ValueError("merge_time_conditioning() applies to the encoder; this model also holds the decoder "
                              "(LDAEForPreTraining). Load the checkpoint with LDAEModel or a classifier first.")
         timestep = config.feature_timestep if timestep is None else timestep
-        device = self.embeddings.patch_embeddings.weight.device
+        device = self.embeddings.projection.weight.device
         conditioning = self.time_embedder(self.resolve_timesteps(timestep, 1, device)).float()[0]
         for block in self.blocks:
             block.merge_time_conditioning(conditioning, config.layer_norm_eps)
@@ -658,7 +862,9 @@ class LDAEModel(LDAEPreTrainedModel):
 
 
 class LDAEForPreTraining(LDAEPreTrainedModel):
-    """l-DAE pre-training: denoise images whose noise was added in the PCA latent; predict the clean image."""
+    """l-DAE pre-training: denoise images whose noise was added in the PCA latent; predict the clean image. At the
+    journey's other stages: noise in another tokenizer's latent, variance-preserving schedules, latent tokens in,
+    eps or the clean latent out (`config.prediction_type`, `denoiser_input`, `denoiser_output`)."""
 
     def __init__(self, config: LDAEConfig):
         super().__init__(config)
@@ -676,18 +882,59 @@ class LDAEForPreTraining(LDAEPreTrainedModel):
             return torch.full((batch_size,), min(step, config.num_timesteps - 1), dtype=torch.long, device=device)
         return torch.randint(0, config.num_timesteps, (batch_size,), device=device)
 
-    def loss(self, clean: torch.Tensor, predicted: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Eq. 4 per patch: lambda_t sum_i w_i r_i^2 with r = V_full e, e = x0 - prediction, w_i = 1 for the top d
-        components and `residual_loss_weight` for the rest, lambda_t = 1 / (1 + sigma_t^2); mean over patches and
-        batch, in fp32. As V_full is orthonormal, sum_i w_i r_i^2 = w |e|^2 + (1 - w) |V e|^2: one d-wide projection
-        instead of a D x D one."""
-        pca, weight = self.ldae.pca, self.config.residual_loss_weight
-        with torch.autocast(device_type=clean.device.type, enabled=False):
-            error = clean - predicted.float()
-            latent_error = error @ pca.components[: pca.pca_dim].T
-            per_patch = weight * error.square().sum(-1) + (1 - weight) * latent_error.square().sum(-1)
-            noise_weight = 1.0 / (1.0 + timestep_to_sigma(timesteps, self.config).square())
-            return (noise_weight[:, None] * per_patch).mean()
+    def loss(self, targets: torch.Tensor, predicted: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """lambda_t (`loss_weights`) times the squared error per token, mean over tokens and batch, in fp32.
+
+        For the original-image target (`denoiser_output="pixels"`, l-DAE) the squared error is Eq. 4's:
+        sum_i w_i r_i^2 with r = V_full e, e = x0 - prediction, w_i = 1 for the top d components and
+        `residual_loss_weight` for the rest. As V_full is orthonormal, sum_i w_i r_i^2 = w |e|^2 + (1 - w) |V e|^2:
+        one d-wide projection instead of a D x D one. Every other target: the plain sum of squares per token."""
+        config = self.config
+        with torch.autocast(device_type=targets.device.type, enabled=False):
+            error = targets - predicted.float()
+            per_token = error.square().sum(-1)
+            if config.denoiser_output == "pixels":
+                pca, weight = self.ldae.pca, config.residual_loss_weight
+                latent_error = error @ pca.components[: pca.pca_dim].T
+                per_token = weight * per_token + (1 - weight) * latent_error.square().sum(-1)
+            return (loss_weights(timesteps, config)[:, None] * per_token).mean()
+
+    def targets(self, pixel_values: torch.Tensor, clean_latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the prediction is trained towards, per token: eps, the clean latent z_0, the tokenizer's
+        reconstruction of the clean image (4d: mu + V^T V (x0 - mu) for the PCA) or the original image (l-DAE)."""
+        config = self.config
+        if config.prediction_type == "epsilon":
+            return noise
+        if config.denoiser_output == "latent":
+            return clean_latents
+        if config.denoiser_output == "projected_pixels":
+            pixel_values = self.ldae.latent_tokenizer.decode_images(clean_latents, *pixel_values.shape[-2:])
+        return patchify(pixel_values, config.patch_size)
+
+    def copy_prediction(self, outputs: LDAEForPreTrainingOutput, height: int, width: int) -> torch.Tensor:
+        """The prediction of a model that learned nothing but to copy its input, in the target's terms: the noisy
+        image (pixel targets), z_t (latent), or the eps that says "x0 = z_t" (epsilon). A trained model's loss
+        must fall well below this one's (the health monitor)."""
+        config, noisy = self.config, outputs.noisy_latents
+        if config.prediction_type == "epsilon":
+            gamma, sigma = noise_levels(outputs.timesteps, config)
+            return noisy * ((1 - gamma) / sigma)[:, None, None]
+        if config.denoiser_output == "latent":
+            return noisy
+        images = self.ldae.latent_tokenizer.decode_images(noisy, height, width)
+        return patchify(images, config.patch_size)
+
+    def denoised_images(self, outputs: LDAEForPreTrainingOutput, height: int, width: int) -> torch.Tensor:
+        """The predicted clean images, whatever the target (for pictures): pixels as predicted, latents decoded by
+        the tokenizer, eps turned into z0 = (z_t - sigma_t eps) / gamma_t first."""
+        config, predicted = self.config, outputs.logits.float()
+        if config.denoiser_output != "latent":
+            return unpatchify(predicted, config.patch_size, height, width)
+        if config.prediction_type == "epsilon":
+            gamma, sigma = noise_levels(outputs.timesteps, config)
+            gamma, sigma = gamma.clamp_min(1e-3)[:, None, None], sigma[:, None, None]
+            predicted = (outputs.noisy_latents - sigma * predicted) / gamma
+        return self.ldae.latent_tokenizer.decode_images(predicted, height, width)
 
     @capture_outputs
     def forward(
@@ -702,25 +949,37 @@ class LDAEForPreTraining(LDAEPreTrainedModel):
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): clean images in [-1, 1].
         timesteps (`torch.LongTensor` of shape `(batch_size,)`, *optional*): t in [0, T); sampled uniformly if None.
         noise (`torch.FloatTensor` of shape `(batch_size, num_patches, pca_dim)`, *optional*): the latent noise eps;
-            sampled if None. Given both `timesteps` and `noise`, the forward pass is deterministic.
+            sampled if None. Given both `timesteps` and `noise`, the forward pass is deterministic (in eval mode for a
+            VAE tokenizer, which trains on posterior samples).
         """
         config = self.config
         backbone = self.ldae
+        tokenizer = backbone.latent_tokenizer
         backbone.check_pixel_values(pixel_values, interpolate_pos_encoding)
-        backbone.pca.require_fitted("Pre-training")
+        tokenizer.require_fitted("Pre-training")
         batch_size, device = pixel_values.shape[0], pixel_values.device
         if timesteps is None:
             timesteps = self.sample_timesteps(batch_size, device)
         timesteps = backbone.resolve_timesteps(timesteps, batch_size, device)
 
-        noisy, clean = backbone.add_latent_noise(pixel_values, timesteps, noise)
-        noisy_pixel_values = unpatchify(noisy, config.patch_size, *pixel_values.shape[-2:])
+        height, width = pixel_values.shape[-2:]
+        # The tokenizer is frozen: autograd records nothing here unless the images themselves need gradients.
+        with torch.autocast(device_type=device.type, enabled=False):
+            clean = pixel_values.float()
+            clean_latents = tokenizer.encode_images(clean, sample=self.training)
+            noisy_latents, noise = backbone.add_noise(clean_latents, timesteps, noise)
+            noisy_pixel_values = None
+            if config.denoiser_input == "pixels":
+                noisy_pixel_values = tokenizer.decode_images(noisy_latents, height, width)
+            targets = self.targets(clean, clean_latents, noise)
         conditioning = backbone.conditioning(timesteps)
-        hidden_states = backbone.embeddings(noisy_pixel_values.to(backbone.embeddings.patch_embeddings.weight.dtype))
+        inputs = noisy_latents if noisy_pixel_values is None else noisy_pixel_values
+        hidden_states = backbone.embed(inputs, pixel_values)
         hidden_states = backbone.run_blocks(hidden_states, conditioning, backbone.blocks, **kwargs)
         logits = self.final_layer(hidden_states, conditioning)
-        return LDAEForPreTrainingOutput(loss=self.loss(clean, logits, timesteps), logits=logits,
-                                        noisy_pixel_values=noisy_pixel_values, timesteps=timesteps)
+        return LDAEForPreTrainingOutput(loss=self.loss(targets, logits, timesteps), logits=logits,
+                                        noisy_pixel_values=noisy_pixel_values, timesteps=timesteps, targets=targets,
+                                        noisy_latents=noisy_latents)
 
 
 class LDAEForImageClassification(LDAEPreTrainedModel):
@@ -740,7 +999,7 @@ class LDAEForImageClassification(LDAEPreTrainedModel):
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm-style layer groups (stem, blocks, head) for `timm.optim.param_groups_layer_decay`."""
-        return {"stem": r"^ldae\.(?:pca|embeddings|time_embedder)", "blocks": [(r"^ldae\.blocks\.(\d+)", None)]}
+        return {"stem": r"^ldae\.(?:pca|tokenizer|embeddings|time_embedder)", "blocks": [(r"^ldae\.blocks\.(\d+)", None)]}
 
     @can_return_tuple
     def forward(
@@ -852,4 +1111,6 @@ __all__ = [
     "patchify",
     "unpatchify",
     "timestep_to_sigma",
+    "noise_levels",
+    "loss_weights",
 ]

@@ -72,6 +72,10 @@ def export_to_timm(
     image_size = image_size or config.image_size
     if image_size % config.patch_size:
         raise InputError(f"image_size {image_size} is not a multiple of the patch size {config.patch_size}.")
+    if config.denoiser_input != "pixels":
+        raise InputError(f"This encoder takes latent tokens from its {config.tokenizer_type} tokenizer "
+                         "(denoiser_input='latent'), and timm's VisionTransformer takes pixels: only pixel-input "
+                         "models (l-DAE, journey stages 4c-4e) export.")
     if config.hidden_act not in TIMM_ACTIVATIONS:
         raise InputError(f"hidden_act {config.hidden_act!r} has no timm equivalent here ({sorted(TIMM_ACTIVATIONS)}).")
     if config.layer_norm_eps != 1e-6:

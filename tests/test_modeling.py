@@ -233,10 +233,11 @@ def test_bf16_keeps_the_pca_exact(images, pca, tmp_path):
 def test_output_shapes_and_order_for_every_class(images, pca):
     model = pretraining_model(pca)
     out = model(images, output_hidden_states=True, output_attentions=True)
-    assert list(out.keys()) == ["loss", "logits", "noisy_pixel_values", "timesteps", "hidden_states", "attentions"]
+    assert list(out.keys()) == ["loss", "logits", "noisy_pixel_values", "timesteps", "targets", "noisy_latents",
+                                "hidden_states", "attentions"]
     assert len(out.hidden_states) == 5 and len(out.attentions) == 4 and out.attentions[0].shape == (8, 4, 16, 16)
     as_tuple = model(images, timesteps=out.timesteps, return_dict=False)
-    assert len(as_tuple) == 4 and as_tuple[1].shape == (8, 16, 192)
+    assert len(as_tuple) == 6 and as_tuple[1].shape == (8, 16, 192)
 
     features = LDAEModel(tiny_config())(images, output_hidden_states=True, output_attentions=True)
     assert list(features.keys()) == ["last_hidden_state", "pooler_output", "hidden_states", "attentions"]
