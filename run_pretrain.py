@@ -20,17 +20,21 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import GradientAccumulationPlugin, set_seed
 from transformers import HfArgumentParser, get_scheduler
 
-from modeling_ldae import checkpointing, hub, monitors, pretraining
+from modeling_ldae import checkpointing, hub, monitors, pretraining, tokenizers
 from modeling_ldae.cli import InputError, parse_arguments, report_errors
-from modeling_ldae.data import EVAL_SPLIT_CANDIDATES, default_num_workers, find_label_column
+from modeling_ldae.data import (
+    EVAL_SPLIT_CANDIDATES,
+    DecodingCollator,
+    default_num_workers,
+    find_label_column,
+    pretrain_transform,
+)
 from modeling_ldae.optim import adamw_param_groups, schedule_lengths
 from modeling_ldae.pretraining import (
     DEFAULT_DATASET,
     build_model,
-    copy_pca,
     first_rows,
     fit_pca,
-    load_pca_source,
     make_train_loader,
     open_training_data,
     save_final_model,
@@ -58,8 +62,15 @@ class ModelArguments:
     config_overrides: str | None = field(
         default=None, metadata={"help": "Config fields to change, e.g. 'pca_dim=16,drop_path_rate=0.1'."}
     )
-    pca_from: str | None = field(
-        default=None, metadata={"help": "Take the PCA tokenizer from this l-DAE checkpoint instead of fitting it."}
+    journey_stage: str | None = field(
+        default=None,
+        metadata={"help": "A stage of the paper's deconstructive journey on top of the preset: 2c, 2d, 3-conv-vae, "
+                  "3-patch-vae, 3-patch-ae, 3-patch-pca, 4a, 4b, 4c, 4d, 4e (= l-DAE). See docs/journey.md."},
+    )
+    tokenizer_from: str | None = field(
+        default=None,
+        metadata={"help": "Take the tokenizer (PCA or learned) from this run's tokenizer/ folder or l-DAE checkpoint "
+                  "instead of fitting / training it (was --pca_from)."},
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for Hub downloads."})
     token: str | None = field(
@@ -144,6 +155,16 @@ class PretrainingArguments:
     seed: int = field(default=0)
     pca_num_images: int = field(default=20_000, metadata={"help": "Images sampled for the PCA fit."})
     pca_num_patches: int = field(default=2_560_000, metadata={"help": "Patches sampled for the PCA fit, in total."})
+    tokenizer_max_steps: int = field(
+        default=3000, metadata={"help": "Training steps of a learned tokenizer (patch AE / VAE, conv VAE) in stage 1."}
+    )
+    tokenizer_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of that training."})
+    tokenizer_kl_weight: float | None = field(
+        default=None, metadata={"help": "KL weight of a VAE tokenizer (default: 0.01 patch VAE, 1e-6 conv VAE)."}
+    )
+    tokenizer_only: bool = field(
+        default=False, metadata={"help": "Stop after stage 1: fit / train the tokenizer, save <output_dir>/tokenizer."}
+    )
     num_pca_picture_components: int = field(default=64)
     logging_steps: int = field(default=50)
     monitor_steps: int | None = field(
@@ -187,8 +208,12 @@ def check_arguments(model_args, args) -> None:
         raise InputError(f"--mixed_precision {args.mixed_precision!r}: use --bf16 or --fp16 (or neither).")
     if args.logging_steps < 1:
         raise InputError(f"--logging_steps {args.logging_steps}: pass 1 or more.")
-    if model_args.pca_from and model_args.model_type != "ldae":
-        raise InputError(f"--pca_from applies to l-DAE models, not --model_type {model_args.model_type}: drop it.")
+    for flag in ("tokenizer_from", "journey_stage"):
+        if getattr(model_args, flag) and model_args.model_type != "ldae":
+            raise InputError(f"--{flag} applies to l-DAE models, not --model_type {model_args.model_type}: drop it.")
+    if model_args.journey_stage and model_args.model_name_or_path:
+        raise InputError("--journey_stage builds a new model; --model_name_or_path continues one (its config already "
+                         "fixes the stage): drop one of them.")
 
 
 def make_accelerator(args, output_dir: Path) -> Accelerator:
@@ -227,8 +252,7 @@ def make_monitors(model, data, data_args, args, accelerator) -> list[monitors.Tr
         return hooks
     config = model.config
     hooks.append(monitors.NoiseBinLosses(config, args.logging_steps))
-    splits = data.source.splits()
-    eval_split = data_args.eval_split_name or next((s for s in EVAL_SPLIT_CANDIDATES if s in splits), None)
+    eval_split = evaluation_split(data, data_args)
     if args.monitor_steps:
         if not all(0 <= t < config.num_timesteps for t in args.monitor_timesteps):
             raise InputError(f"--monitor_timesteps {args.monitor_timesteps}: each t must be in [0, "
@@ -254,6 +278,33 @@ def make_monitors(model, data, data_args, args, accelerator) -> list[monitors.Tr
     return hooks
 
 
+def stage_one(model, model_args, data_args, args, data, image_size, num_workers, accelerator, output_dir) -> None:
+    """The tokenizer: copied (`--tokenizer_from`), reused from this run's `tokenizer/`, or fitted / trained and
+    saved there; its held-out figures beside the PCA's, and the PCA's picture."""
+    split = evaluation_split(data, data_args)
+    decode = DecodingCollator(pretrain_transform(image_size), data.image_column)
+    scale_images = decode(first_rows(data.source, data_args.train_split_name, data.image_column, 512))
+    report_images = decode(first_rows(data.source, split or data_args.train_split_name, data.image_column, 256))
+    fit = partial(fit_pca, model.config, data, image_size, args.pca_num_images, args.pca_num_patches,
+                  args.per_device_train_batch_size, num_workers, args.seed, accelerator)
+    how, figures = tokenizers.prepare_tokenizer(
+        model, model_args.tokenizer_from, fit, make_train_loader(data, args, image_size, num_workers,
+                                                                 accelerator.process_index),
+        scale_images["pixel_values"], report_images["pixel_values"], args, accelerator, output_dir,
+        model_args.cache_dir, model_args.token)
+    tokenizers.log_figures(figures, accelerator)
+    if model.config.tokenizer_type == "pca":
+        monitors.report_pca(model, how, accelerator, output_dir, args.num_pca_picture_components)
+    else:
+        logger.info("Tokenizer (%s) %s.", model.config.tokenizer_type, how)
+
+
+def evaluation_split(data, data_args) -> str | None:
+    """`--eval_split_name`, else the first of validation, val, valid, test the data set has."""
+    splits = data.source.splits()
+    return data_args.eval_split_name or next((s for s in EVAL_SPLIT_CANDIDATES if s in splits), None)
+
+
 def pretrain(model_args, data_args, args, hooks=()) -> monitors.LoopState | None:
     """The whole run: checks, data, model, stage 1 (the PCA tokenizer), stage 2 (the loop), the final model. Returns
     the final loop state; None when `--resume_from_checkpoint latest` finds the run finished."""
@@ -268,8 +319,6 @@ def pretrain(model_args, data_args, args, hooks=()) -> monitors.LoopState | None
     set_seed(args.seed)
     model = build_model(model_args)
     image_size = square_image_size(model)
-    pca_source = load_pca_source(model_args.pca_from, model, model_args.cache_dir, model_args.token) \
-        if model_args.pca_from else None
     data = open_training_data(data_args, model_args.token, model_args.cache_dir, args.seed, args.log_example_ids,
                               accelerator)
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -289,12 +338,15 @@ def pretrain(model_args, data_args, args, hooks=()) -> monitors.LoopState | None
                  if k not in ("token", "hub_token")}  # the card and the trackers show them: no secrets
     accelerator.init_trackers("ldae-pretraining", config=monitors.loggable(arguments))
 
-    # Stage 1: the PCA tokenizer (l-DAE only; a resumed run has it in its checkpoint, a checkpoint may bring one).
-    if model.config.model_type == "ldae" and resume_from is None and (pca_source or not model.ldae.pca.is_fitted):
-        how = (copy_pca(model, pca_source, model_args.pca_from) if pca_source is not None else
-               fit_pca(model, data, image_size, args.pca_num_images, args.pca_num_patches,
-                       args.per_device_train_batch_size, num_workers, args.seed, accelerator))
-        monitors.report_pca(model, how, accelerator, output_dir, args.num_pca_picture_components)
+    # Stage 1: the tokenizer (l-DAE only; a resumed run has it in its checkpoint, a checkpoint may bring one).
+    if model.config.model_type == "ldae" and resume_from is None and (
+            model_args.tokenizer_from or not model.ldae.latent_tokenizer.is_fitted):
+        stage_one(model, model_args, data_args, args, data, image_size, num_workers, accelerator, output_dir)
+    if args.tokenizer_only:
+        logger.info("--tokenizer_only: stopping after stage 1; reuse the tokenizer with --tokenizer_from %s.",
+                    output_dir)
+        accelerator.end_training()
+        return None
 
     # Stage 2: denoising.
     if args.gradient_checkpointing:

@@ -36,6 +36,7 @@ RENAMED_FLAGS = {
     "checkpoints_total_limit": "save_total_limit",
     "train_split": "train_split_name",
     "eval_split": "eval_split_name",
+    "pca_from": "tokenizer_from",
 }
 
 

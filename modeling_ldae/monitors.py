@@ -1,8 +1,10 @@
 """Health signals of a pre-training run, each a small hook the loop calls on every process:
 
-- `NoiseBinLosses`: the training loss per noise-level bin (does the model learn at every sigma?);
+- `NoiseBinLosses`: the training loss per noise-level bin (does the model learn at every noise level?), labelled in
+  the schedule's own terms (sigma ranges unscaled, gamma^2 ranges variance-preserving);
 - `HeldOutDenoising`: the loss on fixed held-out images and a fixed (t, noise) grid, next to the loss of copying the
-  noisy input (a model that learned nothing scores about the copy), and a labelled picture of the denoising;
+  noisy input, expressed in the model's target (`LDAEForPreTraining.copy_prediction`: a model that learned nothing
+  scores about the copy), and a labelled picture of the denoising, whatever the target;
 - `KnnMonitor`: k-NN top-1 of the encoder's features (is the representation improving?);
 - `ExampleIdLog`: the example ids each process trained on (to check the data split between processes);
 - `ProgressBar`: steps and the last loss on the console.
@@ -35,7 +37,7 @@ from tqdm.auto import tqdm
 from .data import DecodingCollator, eval_transform, pretrain_transform
 from .features import extract_features
 from .knn import knn_top1
-from .modeling_ldae import patchify, timestep_to_sigma, unpatchify
+from .modeling_ldae import noise_levels, unpatchify
 from .pca import explained_variance_ratio
 
 matplotlib.use("Agg")  # pictures are files: no display
@@ -171,6 +173,12 @@ def report_pca(model, how: str, accelerator: Accelerator, output_dir: Path, coun
         save_figure(figure, output_dir / "pca_components.png", accelerator, "pca_components", 0)
 
 
+def noise_level(config, timestep: int) -> tuple[str, float]:
+    """The schedule's own measure of the noise at t: ("σ", sigma_t) unscaled, ("γ²", gamma_t^2) variance-preserving."""
+    gamma, sigma = (value.item() for value in noise_levels(torch.tensor([timestep]), config))
+    return ("γ²", gamma**2) if config.variance_preserving else ("σ", sigma)
+
+
 def denoising_figure(clean: torch.Tensor, noisy: Sequence[torch.Tensor], denoised: Sequence[torch.Tensor],
                      labels: Sequence[str]):
     """One row per image: the clean image, then for each noise level the noisy input and the prediction; columns
@@ -193,29 +201,32 @@ def denoising_figure(clean: torch.Tensor, noisy: Sequence[torch.Tensor], denoise
 
 class NoiseBinLosses(TrainingHook):
     """Training loss per bin of equal t width, on the micro-batches of every `every`-th step (reduced over
-    processes), for l-DAE models: one number per noise range, labelled by its sigma range."""
+    processes), for l-DAE models: one number per noise range, labelled by the schedule's sigma range (unscaled,
+    `loss_by_sigma/0.00-0.35`) or gamma^2 range (variance-preserving, `loss_by_gamma_squared/1.00-0.75`)."""
 
     def __init__(self, config, every: int):
         self.config, self.every = config, every
         self.sums = None
-        edges = [timestep_to_sigma(torch.tensor(i * config.num_timesteps // NUM_NOISE_BINS), config).item()
-                 for i in range(NUM_NOISE_BINS)] + [config.sigma_max]
-        self.names = [f"loss_by_sigma/{low:.2f}-{high:.2f}" for low, high in zip(edges, edges[1:])]
+        steps = [i * config.num_timesteps // NUM_NOISE_BINS for i in range(NUM_NOISE_BINS)] + [config.num_timesteps - 1]
+        edges = [noise_level(config, t)[1] for t in steps]
+        # gamma^2 of linear-beta spans four decades in the last bins: significant digits, not decimals.
+        measure, digits = ("gamma_squared", ".3g") if config.variance_preserving else ("sigma", ".2f")
+        self.names = [f"loss_by_{measure}/{start:{digits}}-{end:{digits}}" for start, end in zip(edges, edges[1:])]
 
     @torch.no_grad()
     def on_batch(self, state, batch, outputs, weight):
         if (state.step + 1) % self.every or not weight:
             return
         model = state.accelerator.unwrap_model(state.model)
-        clean = patchify(batch["pixel_values"].float(), self.config.patch_size)
+        targets = outputs.targets
         bins = (outputs.timesteps * NUM_NOISE_BINS // self.config.num_timesteps).clamp_max(NUM_NOISE_BINS - 1)
         if self.sums is None:
-            self.sums = torch.zeros(NUM_NOISE_BINS, 2, device=clean.device)
+            self.sums = torch.zeros(NUM_NOISE_BINS, 2, device=targets.device)
         for index in range(NUM_NOISE_BINS):
             mask = bins == index
             if mask.any():
                 count = mask.sum()
-                self.sums[index, 0] += model.loss(clean[mask], outputs.logits[mask].detach(),
+                self.sums[index, 0] += model.loss(targets[mask], outputs.logits[mask].detach(),
                                                   outputs.timesteps[mask]) * count
                 self.sums[index, 1] += count
 
@@ -231,7 +242,8 @@ class NoiseBinLosses(TrainingHook):
 
 class HeldOutDenoising(TrainingHook):
     """Every `every` steps: the loss on fixed held-out images at fixed (t, noise) pairs, next to the loss of copying
-    the noisy input (`copy_loss`; their ratio below 1 means the model denoises), and the denoising picture
+    the noisy input in the model's target terms (`copy_loss`; their ratio below 1 means the model denoises), and the
+    denoising picture
     `denoising/step-<step>.png` (main process). Every process runs the model: FSDP needs all of them."""
 
     def __init__(self, rows: list[dict[str, Any]], image_column: str, config, timesteps: Sequence[int], every: int,
@@ -254,25 +266,28 @@ class HeldOutDenoising(TrainingHook):
         accelerator, model = state.accelerator, state.model
         unwrapped = accelerator.unwrap_model(model)
         images = self.images.to(accelerator.device)
-        clean = patchify(images, self.config.patch_size)
+        size = images.shape[-2:]
+        tokenizer = unwrapped.ldae.latent_tokenizer
         metrics, noisy, denoised = {}, [], []
         model.eval()
         with accelerator.autocast():
             for t, noise in zip(self.timesteps, self.noise):
                 timesteps = torch.full((len(images),), t, dtype=torch.long, device=accelerator.device)
                 outputs = model(pixel_values=images, timesteps=timesteps, noise=noise.to(accelerator.device))
-                copied = patchify(outputs.noisy_pixel_values.float(), self.config.patch_size)
-                metrics[f"monitor/loss_t{t}"] = unwrapped.loss(clean, outputs.logits, timesteps).item()
-                metrics[f"monitor/copy_loss_t{t}"] = unwrapped.loss(clean, copied, timesteps).item()
-                noisy.append(outputs.noisy_pixel_values.float().cpu())
-                denoised.append(unpatchify(outputs.logits.float(), self.config.patch_size, *images.shape[-2:]).cpu())
+                copied = unwrapped.copy_prediction(outputs, *size)
+                metrics[f"monitor/loss_t{t}"] = unwrapped.loss(outputs.targets, outputs.logits, timesteps).item()
+                metrics[f"monitor/copy_loss_t{t}"] = unwrapped.loss(outputs.targets, copied, timesteps).item()
+                noisy_images = outputs.noisy_pixel_values
+                if noisy_images is None:  # a latent-space denoiser: show its input through the tokenizer
+                    noisy_images = tokenizer.decode_images(outputs.noisy_latents, *size)
+                noisy.append(noisy_images.float().cpu())
+                denoised.append(unwrapped.denoised_images(outputs, *size).float().cpu())
         model.train()
         metrics["monitor/loss"] = float(np.mean([metrics[f"monitor/loss_t{t}"] for t in self.timesteps]))
         metrics["monitor/copy_loss"] = float(np.mean([metrics[f"monitor/copy_loss_t{t}"] for t in self.timesteps]))
         if accelerator.is_main_process:
             shown = min(len(images), self.num_picture_images)
-            labels = [f"t={t}\nσ={timestep_to_sigma(torch.tensor(t), self.config).item():.2f}"
-                      for t in self.timesteps]
+            labels = ["t={}\n{}={:.3g}".format(t, *noise_level(self.config, t)) for t in self.timesteps]
             figure = denoising_figure(self.images[:shown], [n[:shown] for n in noisy], [d[:shown] for d in denoised],
                                       labels)
             save_figure(figure, state.output_dir / "denoising" / f"step-{state.step:07d}.png", accelerator,

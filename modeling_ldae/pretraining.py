@@ -2,7 +2,7 @@
 ViTMAE baseline), on Accelerate. `run_pretrain.py` is the setup that calls it, top to bottom, as MAE's
 `main_pretrain.py` calls its `engine_pretrain.py`:
 
-    build_model -> open_training_data -> fit_pca (stage 1, l-DAE) -> make_train_loader ->
+    build_model -> open_training_data -> tokenizer (stage 1, l-DAE: `fit_pca` or `tokenizers`) -> make_train_loader ->
     train_one_epoch (stage 2, repeated) -> save_final_model
 
 Checkpoints live in `checkpointing.py`, the health monitors in `monitors.py`.
@@ -39,8 +39,7 @@ from transformers.trainer_utils import seed_worker
 from . import data as ldae_data
 from . import hub
 from .cli import InputError
-from .configuration_ldae import LDAEConfig
-from .modeling_ldae import LDAEModel
+from .configuration_ldae import JOURNEY_STAGES, LDAEConfig
 from .monitors import LoopState
 from .pca import PatchPCAAccumulator, explained_variance_ratio
 
@@ -102,6 +101,11 @@ def build_model(model_args) -> torch.nn.Module:
     """A pre-training model from a checkpoint (`model_name_or_path`), a config folder (`config_name`), an l-DAE
     preset (`model_preset`) or any registered `model_type`, with `config_overrides` applied."""
     overrides = parse_config_overrides(model_args.config_overrides)
+    stage = getattr(model_args, "journey_stage", None)
+    if stage is not None:
+        if stage not in JOURNEY_STAGES:
+            raise InputError(f"--journey_stage {stage!r}: expected one of {', '.join(JOURNEY_STAGES)}.")
+        overrides = {**JOURNEY_STAGES[stage], **overrides}  # --config_overrides still wins (e.g. pca_dim)
     try:
         if model_args.model_name_or_path:
             return AutoModelForPreTraining.from_pretrained(
@@ -125,19 +129,6 @@ def square_image_size(model) -> int:
         raise InputError(f"{type(model).__name__}'s config has no integer image_size: this script trains square-image "
                          "models (l-DAE, ViTMAE); set image_size with --config_overrides.")
     return size
-
-
-def load_pca_source(path: str, model, cache_dir: str | None = None, token: str | None = None):
-    """The fitted PCA of the l-DAE checkpoint `path` (for `--pca_from`), checked against `model`."""
-    try:
-        source = LDAEModel.from_pretrained(path, cache_dir=cache_dir, token=token).pca
-    except (OSError, ValueError) as error:
-        raise InputError(f"--pca_from {path}: {str(error).splitlines()[0]}") from None
-    expected = model.ldae.pca.mean.shape
-    if not source.is_fitted or source.mean.shape != expected:
-        raise InputError(f"--pca_from {path}: its PCA is not fitted or has another patch dimension "
-                         f"({source.mean.numel()} values per patch, this model {expected[0]}).")
-    return source
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -232,17 +223,11 @@ def make_train_loader(data: TrainingData, args, image_size: int, num_workers: in
 # ---------------------------------------------------------------------------------------------------- stage 1
 
 
-def copy_pca(model, source, name: str) -> str:
-    """Install the PCA of another checkpoint (`load_pca_source`); returns a description for the log."""
-    model.set_pca(source.mean, source.components, source.eigenvalues)
-    return f"copied from {name}"
-
-
-def fit_pca(model, data: TrainingData, image_size: int, num_images: int, num_patches: int, batch_size: int,
-            num_workers: int, seed: int, accelerator: Accelerator) -> str:
-    """Fit the patch-wise PCA tokenizer on `num_patches` random patches of `num_images` random training images
-    (center crops), each process reading its share, exact float64 sums added across processes. Returns a
-    description for the log."""
+def fit_pca(config, data: TrainingData, image_size: int, num_images: int, num_patches: int, batch_size: int,
+            num_workers: int, seed: int, accelerator: Accelerator):
+    """Fit the patch-wise PCA on `num_patches` random patches of `num_images` random training images (center
+    crops), each process reading its share, exact float64 sums added across processes. Returns (mean, components,
+    eigenvalues, a description for the log)."""
     num_images = num_images if data.num_examples is None else min(num_images, data.num_examples)
     patches_per_image = math.ceil(num_patches / num_images)
     if data.streaming:  # already shuffled
@@ -253,14 +238,13 @@ def fit_pca(model, data: TrainingData, image_size: int, num_images: int, num_pat
             accelerator.num_processes, accelerator.process_index, contiguous=True)
     collator = ldae_data.DecodingCollator(ldae_data.pretrain_transform(image_size), data.image_column)
     loader = make_loader(sample, collator, batch_size, num_workers, accelerator.process_index)
-    accumulator = PatchPCAAccumulator(model.config.patch_size, model.config.num_channels, device=accelerator.device)
+    accumulator = PatchPCAAccumulator(config.patch_size, config.num_channels, device=accelerator.device)
     generator = torch.Generator().manual_seed(seed + accelerator.process_index)
     for batch in tqdm(loader, desc="PCA", disable=not accelerator.is_local_main_process):
         if batch is not None:
             accumulator.update(batch["pixel_values"].to(accelerator.device), patches_per_image, generator)
     accumulator.reduce(lambda tensor: accelerator.reduce(tensor, "sum"))
-    model.set_pca(*accumulator.finalize())
-    return f"fitted on {int(accumulator.count)} patches of {num_images} images"
+    return (*accumulator.finalize(), f"fitted on {int(accumulator.count)} patches of {num_images} images")
 
 
 # ---------------------------------------------------------------------------------------------------- stage 2
@@ -413,16 +397,30 @@ def write_pretraining_card(folder: Path, model, source: ldae_data.DataSource, re
         results["k-NN top-1 (k=20, T=0.07)"] = knn_top1
     is_ldae = config.model_type == LDAEConfig.model_type
     if is_ldae:
-        pca = model.ldae.pca
-        results[f"PCA variance explained (top {pca.pca_dim})"] = explained_variance_ratio(pca.eigenvalues, pca.pca_dim)
+        if config.tokenizer_type == "pca":
+            pca = model.ldae.pca
+            results[f"PCA variance explained (top {pca.pca_dim})"] = explained_variance_ratio(pca.eigenvalues,
+                                                                                               pca.pca_dim)
+        latent = {"pca": "patch-wise PCA latent", "identity": "pixel space (the identity tokenizer)",
+                  "patch_ae": "latent of a patch-wise linear autoencoder",
+                  "patch_vae": "latent of a patch-wise linear VAE",
+                  "conv_vae": "latent of a convolutional VAE (diffusers' AutoencoderKL)"}[config.tokenizer_type]
         description = (
             f"l-DAE (latent denoising autoencoder) pre-trained with `run_pretrain.py` for {steps} steps on "
             f"{dataset or 'local images'}: a {config.num_hidden_layers}+{config.decoder_num_hidden_layers}-block ViT "
             f"at width {config.hidden_size} denoises {config.image_size}px images whose noise was added in a "
-            f"{config.pca_dim}-dimensional patch-wise PCA latent. Load the encoder with `AutoModel.from_pretrained(...)`"
+            f"{config.pca_dim}-dimensional {latent}. Load the encoder with `AutoModel.from_pretrained(...)`"
             f" for features (encoder output at t = {config.feature_timestep}, average-pooled), or fine-tune it with "
             "`AutoModelForImageClassification`."
         )
+        journey = {key: getattr(config, key) for key in ("noise_schedule", "prediction_type", "denoiser_input",
+                                                          "denoiser_output") if getattr(config, key) != getattr(
+                                                              LDAEConfig(), key)}
+        if journey:
+            description += (" A stage of the paper's deconstructive journey, not l-DAE itself: "
+                            + ", ".join(f"{key}={value}" for key, value in journey.items()) + ".")
+        if config.tokenizer_type == "conv_vae":
+            description += " Loading it needs `diffusers` (`pip install diffusers`), which provides its tokenizer."
     else:
         description = (f"{type(model).__name__} pre-trained with `run_pretrain.py` (the l-DAE project's loop, as a "
                        f"baseline) for {steps} steps on {dataset or 'local images'}.")

@@ -14,6 +14,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+def reset_accelerate_state() -> None:
+    """Each in-process run builds its own Accelerator; accelerate keeps process-wide singletons."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """For modules that run the scripts in-process: `pytestmark = pytest.mark.usefixtures(...)`."""
+    yield
+    reset_accelerate_state()
+
+
 @pytest.fixture(scope="session")
 def cifar10_dir() -> Path:
     """The local CIFAR-10 copy (Hub schema `img`/`label`). CI sets LDAE_REQUIRE_DATA=1: missing data fails there."""

@@ -39,12 +39,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; accelerate keeps process-wide singletons."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +185,7 @@ def test_sigterm_checkpoint_resumes_to_the_uninterrupted_weights(streaming, tmp_
     # 64 images / batch 16 = 4 batches per epoch: 12 steps cross epochs, the signal lands mid-epoch. The stream
     # resumes exactly too here: same files, seed and workers replay the same order.
     argv = [*TINY, "--train_dir", parquet_dir, "--max_train_samples", 64, "--max_steps", 12,
-            "--save_steps", 4, "--pca_from", tiny_checkpoint, "--streaming", streaming]
+            "--save_steps", 4, "--tokenizer_from", tiny_checkpoint, "--streaming", streaming]
     run([*argv, "--output_dir", tmp_path / "straight"])
 
     interrupted = tmp_path / "interrupted"
@@ -211,7 +206,7 @@ def test_sigterm_checkpoint_resumes_to_the_uninterrupted_weights(streaming, tmp_
     assert straight.keys() == resumed.keys()
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
-    # The PCA came from --pca_from, untouched by training.
+    # The PCA came from --tokenizer_from, untouched by training.
     assert torch.equal(straight["ldae.pca.components"], _state(tiny_checkpoint)["ldae.pca.components"])
 
 
@@ -223,7 +218,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, parquet_d
     output_dir = tmp_path / "out"
     with pytest.raises(SystemExit) as stopped:
         run([*TINY, "--train_dir", parquet_dir, "--max_train_samples", 64, "--max_steps", 10,
-             "--save_steps", 4, "--pca_from", tiny_checkpoint, "--output_dir", output_dir],
+             "--save_steps", 4, "--tokenizer_from", tiny_checkpoint, "--output_dir", output_dir],
             hooks=[AtStep(4, poison_weights)])
     assert stopped.value.code == 1
     error = capsys.readouterr().err
@@ -253,7 +248,7 @@ def test_vit_mae_baseline_trains_through_the_same_loop(tmp_path, parquet_dir):
 
 
 @pytest.mark.parametrize("case", ["preset", "image_column", "no_images", "resume_missing", "resume_other_config",
-                                  "output_dir_taken", "pca_from_missing", "save_total_limit", "hub_model_id"])
+                                  "output_dir_taken", "tokenizer_from_missing", "save_total_limit", "hub_model_id"])
 def test_bad_input_fails_before_any_work(case, tmp_path, parquet_dir, trained_run, capsys):
     out = tmp_path / "out"
     base = [*TINY, "--train_dir", parquet_dir, "--max_steps", 4, "--output_dir", out]
@@ -267,7 +262,8 @@ def test_bad_input_fails_before_any_work(case, tmp_path, parquet_dir, trained_ru
                                  "--config_overrides", "pca_dim=16"], "belongs to another model config"),
         "output_dir_taken": ([*TINY, "--train_dir", parquet_dir, "--output_dir", trained_run[0]],
                              "already holds checkpoints or a model"),
-        "pca_from_missing": ([*base, "--pca_from", tmp_path / "no_model"], f"--pca_from {tmp_path / 'no_model'}:"),
+        "tokenizer_from_missing": ([*base, "--tokenizer_from", tmp_path / "no_model"],
+                                   f"--tokenizer_from {tmp_path / 'no_model'}: neither a tokenizer folder"),
         "save_total_limit": ([*base, "--save_total_limit", 0], "--save_total_limit 0 would delete the checkpoint"),
         "hub_model_id": ([*base, "--push_to_hub", "--hub_model_id", "me/two words"], "not a valid Hub repository id"),
     }[case]
@@ -347,7 +343,7 @@ def test_resume_latest_on_a_finished_run_exits_without_touching_the_model(tmp_pa
                                                                            caplog):
     # A run that finished without keeping checkpoints, started again as a pre-emptible job script would.
     argv = [*TINY, "--train_dir", parquet_dir, "--max_train_samples", 32, "--max_steps", 2, "--save_steps", 0,
-            "--pca_from", tiny_checkpoint, "--output_dir", tmp_path / "out", "--resume_from_checkpoint", "latest"]
+            "--tokenizer_from", tiny_checkpoint, "--output_dir", tmp_path / "out", "--resume_from_checkpoint", "latest"]
     assert run(argv).step == 2
     weights = (tmp_path / "out" / "model.safetensors").read_bytes()
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -364,7 +360,7 @@ def test_rotation_ignores_other_folders_and_keeps_the_newest(tmp_path, parquet_d
     (out / "checkpoint-best" / "note.txt").write_text("keep me")
     # No checkpoints and no model in the folder yet: `latest` starts the run.
     progress = run([*TINY, "--train_dir", parquet_dir, "--max_train_samples", 32, "--max_steps", 6, "--save_steps", 2,
-                    "--save_total_limit", 1, "--pca_from", tiny_checkpoint, "--output_dir", out,
+                    "--save_total_limit", 1, "--tokenizer_from", tiny_checkpoint, "--output_dir", out,
                     "--resume_from_checkpoint", "latest"])
     assert progress.step == 6
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-best"]
@@ -396,8 +392,8 @@ def test_crash_while_checkpointing_keeps_the_previous_one_and_resumes_from_it(tm
     monkeypatch.setattr(Accelerator, "save_state", save_then_fail_at_step_8)
     out = tmp_path / "out"
     argv = [*TINY, "--train_dir", parquet_dir, "--max_train_samples", 64, "--max_steps", 12, "--save_steps", 4,
-            "--save_total_limit", 2, "--pca_from", tiny_checkpoint, "--output_dir", out, "--resume_from_checkpoint",
-            "latest"]
+            "--save_total_limit", 2, "--tokenizer_from", tiny_checkpoint, "--output_dir", out,
+            "--resume_from_checkpoint", "latest"]
     with pytest.raises(SystemExit) as failed:
         run(argv)
     assert failed.value.code == 1
@@ -425,7 +421,7 @@ def test_full_disk_while_saving_the_model_leaves_no_half_written_model(tmp_path,
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as failed:
         run([*TINY, "--train_dir", parquet_dir, "--max_train_samples", 32, "--max_steps", 4, "--save_steps", 4,
-             "--pca_from", tiny_checkpoint, "--output_dir", out])
+             "--tokenizer_from", tiny_checkpoint, "--output_dir", out])
     assert failed.value.code == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "run_pretrain.py: error: OSError: [Errno 28] No space left on device"
@@ -477,7 +473,7 @@ def test_an_error_in_the_loop_ends_every_process_and_worker(processes, tmp_path,
     script, pids = tmp_path / "failing_run.py", tmp_path / "workers.json"
     script.write_text(FAILING_RUN.format(repo=str(REPO_ROOT), pids=str(pids)))
     argv = [*TINY, "--dataloader_num_workers", 2, "--train_dir", parquet_dir, "--max_steps", 10,
-            "--pca_from", tiny_checkpoint, "--output_dir", tmp_path / "out"]
+            "--tokenizer_from", tiny_checkpoint, "--output_dir", tmp_path / "out"]
     launch = [sys.executable, str(script)] if processes == 1 else [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
         "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
@@ -524,7 +520,7 @@ def test_the_logged_loss_averages_every_batch_since_the_last_log_across_epochs(t
     # 32 images / batch 16: 2 steps per epoch, so the window logged at step 3 spans the boundary after step 2.
     recorder = RecordBatchLosses()
     run([*TINY, "--train_dir", parquet_dir, "--max_train_samples", 32, "--max_steps", 3, "--logging_steps", 3,
-         "--save_steps", 0, "--pca_from", tiny_checkpoint, "--output_dir", tmp_path / "out"], hooks=[recorder])
+         "--save_steps", 0, "--tokenizer_from", tiny_checkpoint, "--output_dir", tmp_path / "out"], hooks=[recorder])
     (logged,) = [m["train/loss"] for m in read_metrics(tmp_path / "out") if "train/loss" in m]
     assert len(recorder.losses) == 3
     assert logged == pytest.approx(sum(recorder.losses) / 3, rel=1e-6)
