@@ -420,7 +420,9 @@ class Report:
         rates = json.loads((self.output_dir / "calibration.json").read_text())
         lines = [
             "# l-DAE at CIFAR-10 scale: the paper's findings with the project's own scripts", "",
-            "Where the learning is heading, past this 2-epoch snapshot: [the learning curves](cifar10-curves.md).", "",
+            "Where the learning is heading, past this 2-epoch snapshot: [the learning curves](cifar10-curves.md).",
+            "Every stage of the paper's deconstructive journey (2c -> 4e) and its tokenizer table, in this regime:",
+            "[the journey](cifar10-journey.md).", "",
             f"Command: `python benchmarks/reproduce_cifar10.py --budget_minutes {self.args.budget_minutes:g} "
             f"--seeds {self.args.seeds} --probe_epochs {self.args.probe_epochs}"
             f"{' --noisy_t_sweep' if self.args.noisy_t_sweep else ''}{' --device cuda' if self.args.device == 'cuda' else ''}`  ",
