@@ -328,6 +328,9 @@ def test_each_stage_trains_resumes_loads_and_fine_tunes(stage, journey_data, con
     assert {"monitor/loss", "monitor/copy_loss"} <= set(metrics[-1]) and (output_dir / "denoising").is_dir()
     config = LDAEConfig.from_pretrained(output_dir)
     assert {key: getattr(config, key) for key in JOURNEY_STAGES[stage]} == JOURNEY_STAGES[stage]
+    card = (output_dir / "README.md").read_text()
+    assert "not l-DAE itself" in card
+    assert ("needs `diffusers`" in card) == (config.tokenizer_type == "conv_vae")
     encoder = AutoModel.from_pretrained(output_dir)
     assert type(encoder) is LDAEModel and encoder.latent_tokenizer.is_fitted
     pretraining = AutoModelForPreTraining.from_pretrained(output_dir)
