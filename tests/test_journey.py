@@ -363,7 +363,7 @@ def test_tokenizer_from_checks_the_settings_and_the_old_flag_still_works(journey
 
 def test_a_checkpoint_saved_by_ldae_0_1_0_gives_the_same_outputs():
     folder = FIXTURES / "ldae-0.1.0-tiny"
-    expected = torch.load(folder / "expected_outputs.pt")
+    expected = load_file(folder / "expected_outputs.safetensors")
     model = LDAEForPreTraining.from_pretrained(folder).eval()
     with torch.no_grad():
         out = model(expected["pixel_values"], timesteps=expected["timesteps"], noise=expected["noise"])
@@ -373,12 +373,28 @@ def test_a_checkpoint_saved_by_ldae_0_1_0_gives_the_same_outputs():
     assert torch.equal(features, expected["pooler_output"])
 
 
+def restore_pickled_states(checkpoint: Path) -> None:
+    """The fixture keeps Accelerate's `torch.save` files as safetensors + JSON (no pickled tensors in git): write
+    them back as Accelerate saved them."""
+    groups = json.loads((checkpoint / "optimizer.json").read_text())
+    for group in groups:
+        group["betas"] = tuple(group["betas"])
+    state = {}
+    for key, value in load_file(checkpoint / "optimizer.safetensors").items():
+        index, name = key.split(".")
+        state.setdefault(int(index), {})[name] = value
+    torch.save({"state": dict(sorted(state.items())), "param_groups": groups}, checkpoint / "optimizer.bin")
+    torch.save(json.loads((checkpoint / "scheduler.json").read_text()), checkpoint / "scheduler.bin")
+
+
 def test_a_run_saved_by_ldae_0_1_0_resumes_to_the_same_model(cifar10_dir, tmp_path):
     """tests/fixtures/make_ldae_0_1_0_run.py wrote step 2 of this 4-step run before the journey options existed;
     resumed now, it must end at the weights the uninterrupted old run ended at."""
     data = write_cifar_subset(cifar10_dir, tmp_path / "data", 64, 16)
     output_dir = tmp_path / "run"
-    shutil.copytree(FIXTURES / "ldae-0.1.0-run" / "checkpoint-2", output_dir / "checkpoint-2")
+    checkpoint = output_dir / "checkpoint-2"
+    shutil.copytree(FIXTURES / "ldae-0.1.0-run" / "checkpoint-2", checkpoint)
+    restore_pickled_states(checkpoint)
     saved = json.loads((output_dir / "checkpoint-2" / "trainer_state.json").read_text())["model_config"]
     assert "tokenizer_type" not in saved and "noise_schedule" not in saved  # written before they existed
     run_pretrain.main([
