@@ -283,15 +283,16 @@ def stage_one(model, model_args, data_args, args, data, image_size, num_workers,
     saved there; its held-out figures beside the PCA's, and the PCA's picture."""
     split = evaluation_split(data, data_args)
     decode = DecodingCollator(pretrain_transform(image_size), data.image_column)
-    scale_images = decode(first_rows(data.source, data_args.train_split_name, data.image_column, 512))
-    report_images = decode(first_rows(data.source, split or data_args.train_split_name, data.image_column, 256))
+
+    def read_images(held_out: bool, count: int) -> torch.Tensor:
+        chosen = (split if held_out else None) or data_args.train_split_name
+        return decode(first_rows(data.source, chosen, data.image_column, count))["pixel_values"]
+
     fit = partial(fit_pca, model.config, data, image_size, args.pca_num_images, args.pca_num_patches,
                   args.per_device_train_batch_size, num_workers, args.seed, accelerator)
-    how, figures = tokenizers.prepare_tokenizer(
-        model, model_args.tokenizer_from, fit, make_train_loader(data, args, image_size, num_workers,
-                                                                 accelerator.process_index),
-        scale_images["pixel_values"], report_images["pixel_values"], args, accelerator, output_dir,
-        model_args.cache_dir, model_args.token)
+    loader = partial(make_train_loader, data, args, image_size, num_workers, accelerator.process_index)
+    how, figures = tokenizers.prepare_tokenizer(model, model_args.tokenizer_from, fit, loader, read_images, args,
+                                                accelerator, output_dir, model_args.cache_dir, model_args.token)
     tokenizers.log_figures(figures, accelerator)
     if model.config.tokenizer_type == "pca":
         monitors.report_pca(model, how, accelerator, output_dir, args.num_pca_picture_components)

@@ -194,9 +194,8 @@ def latent_statistics(tokenizer, images: torch.Tensor, batch_size: int = 64) -> 
     return {"variance": latents.var(0), "reconstruction_mse": (sum(squared) / len(images)).item()}
 
 
-def fit_latent_scale(model, images: torch.Tensor, pca_eigenvalues: torch.Tensor) -> float:
+def fit_latent_scale(tokenizer, images: torch.Tensor, pca_eigenvalues: torch.Tensor, dim: int) -> float:
     """Set `latent_scale` so that the mean per-dimension variance of the latent equals the PCA's at the same d."""
-    tokenizer, dim = model.ldae.tokenizer, model.config.pca_dim
     tokenizer.latent_scale.fill_(1.0)
     variance = latent_statistics(tokenizer, images)["variance"]
     scale = math.sqrt(pca_eigenvalues[:dim].double().mean().item() / variance.double().mean().clamp_min(1e-12).item())
@@ -228,12 +227,14 @@ def pca_reference(config, mean, components, eigenvalues, images: torch.Tensor) -
 # ---------------------------------------------------------------------------------------------------- stage 1
 
 
-def prepare_tokenizer(model, source: str | None, fit_pca, train_loader, scale_images: torch.Tensor,
-                      report_images: torch.Tensor, args, accelerator: Accelerator, output_dir: Path,
-                      cache_dir: str | None = None, token: str | None = None) -> tuple[str, dict[str, Any]]:
+def prepare_tokenizer(model, source: str | None, fit_pca, make_train_loader, read_images, args,
+                      accelerator: Accelerator, output_dir: Path, cache_dir: str | None = None,
+                      token: str | None = None) -> tuple[str, dict[str, Any]]:
     """Stage 1: give `model` its tokenizer, from `--tokenizer_from`, from this run's own `tokenizer/` (a restarted
-    run), or fitted (`fit_pca()` -> (mean, components, eigenvalues, description)) / trained here and saved as
-    `<output_dir>/tokenizer/`. Returns (how, figures) for the log and the card."""
+    run), or fitted (`fit_pca()` -> (mean, components, eigenvalues, description)) / trained here on
+    `make_train_loader()` and saved as `<output_dir>/tokenizer/`. `read_images(held_out, count)` decodes the images
+    for the latent scale (training images) and the figures (held-out ones), only when something is fitted. Returns
+    (how, figures) for the log and the card."""
     config = model.config
     own = output_dir / TOKENIZER_DIR
     if source or (own / INFO_NAME).is_file():
@@ -243,7 +244,7 @@ def prepare_tokenizer(model, source: str | None, fit_pca, train_loader, scale_im
     if config.tokenizer_type == "identity":
         return "the identity (the pixels are the latent)", {}
     mean, components, eigenvalues, how = fit_pca()
-    report_images = report_images.to(accelerator.device)
+    report_images = read_images(True, 256).to(accelerator.device)
     figures = {"pca": pca_reference(config, mean, components, eigenvalues, report_images)}
     if config.tokenizer_type == "pca":
         model.set_pca(mean, components, eigenvalues)
@@ -252,10 +253,11 @@ def prepare_tokenizer(model, source: str | None, fit_pca, train_loader, scale_im
         kl_weight = args.tokenizer_kl_weight
         if kl_weight is None:
             kl_weight = DEFAULT_KL_WEIGHTS[config.tokenizer_type]
-        steps = train_tokenizer(model, train_loader, accelerator, output_dir, args.tokenizer_max_steps,
+        steps = train_tokenizer(model, make_train_loader(), accelerator, output_dir, args.tokenizer_max_steps,
                                 args.tokenizer_learning_rate, kl_weight, args.logging_steps, args.save_steps,
                                 args.seed)
-        scale = fit_latent_scale(model, scale_images.to(accelerator.device), eigenvalues)
+        scale = fit_latent_scale(model.ldae.tokenizer, read_images(False, 512).to(accelerator.device), eigenvalues,
+                                 config.pca_dim)
         figures["tokenizer"] = describe(model.ldae.tokenizer, report_images, eigenvalues[:config.pca_dim].mean().item())
         figures["training"] = {"steps": steps, "learning_rate": args.tokenizer_learning_rate, "kl_weight": kl_weight,
                                "latent_scale": scale}
