@@ -360,54 +360,87 @@ def test_tokenizer_from_checks_the_settings_and_the_old_flag_still_works(journey
 # -- l-DAE unchanged --------------------------------------------------------------------------------------------------
 
 
-def test_a_checkpoint_saved_by_ldae_0_1_0_gives_the_same_outputs():
-    folder = FIXTURES / "ldae-0.1.0-tiny"
-    expected = load_file(folder / "expected_outputs.safetensors")
-    model = LDAEForPreTraining.from_pretrained(folder).eval()
+def ldae_0_1_0_checkpoint(folder: Path) -> Path:
+    """ldae 0.1.0's tiny checkpoint (its config as 0.1.0 saved it, its state-dict names and shapes) with seeded
+    weights, written to `folder`; tests/fixtures/make_ldae_0_1_0_tiny.py ran 0.1.0's code on the same weights."""
+    fixture = FIXTURES / "ldae-0.1.0-tiny"
+    generator = torch.Generator().manual_seed(0)
+    weights = {}
+    for name, shape in json.loads((fixture / "weights.json").read_text()).items():
+        # non-zero everywhere (adaLN-Zero starts at zero), so the outputs depend on every weight
+        weights[name] = torch.randn(shape, generator=generator) * 0.05
+    patch_dim = weights["ldae.pca.mean"].numel()
+    basis, _ = torch.linalg.qr(torch.randn(patch_dim, patch_dim, generator=generator, dtype=torch.float64))
+    weights["ldae.pca.components"] = basis.T.float().contiguous()  # the PCA must be orthonormal
+    weights["ldae.pca.eigenvalues"] = torch.linspace(2, 0.01, patch_dim)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copy(fixture / name, folder / name)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def ldae_0_1_0_inputs():
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.rand(2, 3, 16, 16, generator=generator) * 2 - 1
+    noise = torch.randn(2, 4, 8, generator=generator)
+    return pixels, torch.tensor([10, 700]), noise
+
+
+def test_a_checkpoint_saved_by_ldae_0_1_0_gives_the_same_outputs(tmp_path):
+    folder = ldae_0_1_0_checkpoint(tmp_path / "ldae-0.1.0-tiny")
+    expected = json.loads((FIXTURES / "ldae-0.1.0-tiny" / "expected_outputs.json").read_text())
+    pixels, timesteps, noise = ldae_0_1_0_inputs()
     with torch.no_grad():
-        out = model(expected["pixel_values"], timesteps=expected["timesteps"], noise=expected["noise"])
-        features = AutoModel.from_pretrained(folder).eval()(expected["pixel_values"]).pooler_output
-    for name in ("loss", "logits", "noisy_pixel_values"):
-        assert torch.equal(out[name], expected[name]), name
-    assert torch.equal(features, expected["pooler_output"])
+        out = LDAEForPreTraining.from_pretrained(folder).eval()(pixels, timesteps=timesteps, noise=noise)
+        features = AutoModel.from_pretrained(folder).eval()(pixels).pooler_output
+    computed = {"loss": out.loss, "logits": out.logits, "noisy_pixel_values": out.noisy_pixel_values,
+                "pooler_output": features}
+    for name, value in computed.items():
+        torch.testing.assert_close(value, torch.tensor(expected[name]), rtol=1e-6, atol=1e-6, msg=name)
 
 
-def restore_pickled_states(checkpoint: Path) -> None:
-    """The fixture keeps Accelerate's `torch.save` files as safetensors + JSON (no pickled tensors in git): write
-    them back as Accelerate saved them."""
-    groups = json.loads((checkpoint / "optimizer.json").read_text())
-    for group in groups:
-        group["betas"] = tuple(group["betas"])
-    state = {}
-    for key, value in load_file(checkpoint / "optimizer.safetensors").items():
-        index, name = key.split(".")
-        state.setdefault(int(index), {})[name] = value
-    torch.save({"state": dict(sorted(state.items())), "param_groups": groups}, checkpoint / "optimizer.bin")
-    torch.save(json.loads((checkpoint / "scheduler.json").read_text()), checkpoint / "scheduler.bin")
+LDAE_0_1_0_RUN = ["--model_preset", "ldae-tiny", "--config_overrides", "hidden_size=32,num_attention_heads=2,"
+                  "num_hidden_layers=1,decoder_num_hidden_layers=1,frequency_embedding_size=32",
+                  "--per_device_train_batch_size", "16", "--dataloader_num_workers", "0", "--base_learning_rate",
+                  "2e-3", "--warmup_steps", "1", "--pca_num_images", "64", "--pca_num_patches", "1024",
+                  "--logging_steps", "1", "--monitor_steps", "0", "--seed", "0", "--max_steps", "4",
+                  "--save_steps", "2"]
 
 
 def test_a_run_saved_by_ldae_0_1_0_resumes_to_the_same_model(cifar10_dir, tmp_path):
-    """tests/fixtures/make_ldae_0_1_0_run.py wrote step 2 of this 4-step run before the journey options existed;
-    resumed now, it must end at the weights the uninterrupted old run ended at."""
+    """tests/fixtures/make_ldae_0_1_0_run.py ran these 4 steps under 0.1.0 and kept its step-2 checkpoint's JSON
+    files and a fingerprint of its final weights. Today's code must save the same state at step 2, accept 0.1.0's
+    saved config (which lacks every journey key) on resume, and end where 0.1.0 ended."""
+    old = FIXTURES / "ldae-0.1.0-run"
     data = write_cifar_subset(cifar10_dir, tmp_path / "data", 64, 16)
+    run_pretrain.main([*LDAE_0_1_0_RUN, "--train_dir", str(data), "--output_dir", str(tmp_path / "today")])
+    today = tmp_path / "today" / "checkpoint-2"
+    old_state = json.loads((old / "checkpoint-2" / "trainer_state.json").read_text())
+    today_state = json.loads((today / "trainer_state.json").read_text())
+    assert "tokenizer_type" not in old_state["model_config"] and "noise_schedule" not in old_state["model_config"]
+    assert today_state["step"] == old_state["step"] and today_state["positions"] == old_state["positions"]
+    assert today_state["last_loss"] == pytest.approx(old_state["last_loss"], rel=1e-6)
+    optimizer = torch.load(today / "optimizer.bin", weights_only=True)
+    old_groups = json.loads((old / "checkpoint-2" / "optimizer_param_groups.json").read_text())
+    assert json.loads(json.dumps(optimizer["param_groups"])) == old_groups  # the same tensors, settings and lr
+    scheduler = torch.load(today / "scheduler.bin", weights_only=True)
+    assert json.loads(json.dumps(scheduler)) == json.loads((old / "checkpoint-2" / "scheduler.json").read_text())
+
+    # The same step-2 checkpoint as 0.1.0 left it on disk: its config files, without the journey keys.
     output_dir = tmp_path / "run"
-    checkpoint = output_dir / "checkpoint-2"
-    shutil.copytree(FIXTURES / "ldae-0.1.0-run" / "checkpoint-2", checkpoint)
-    restore_pickled_states(checkpoint)
-    saved = json.loads((output_dir / "checkpoint-2" / "trainer_state.json").read_text())["model_config"]
-    assert "tokenizer_type" not in saved and "noise_schedule" not in saved  # written before they existed
-    run_pretrain.main([
-        "--model_preset", "ldae-tiny", "--config_overrides", "hidden_size=32,num_attention_heads=2,"
-        "num_hidden_layers=1,decoder_num_hidden_layers=1,frequency_embedding_size=32",
-        "--per_device_train_batch_size", "16", "--dataloader_num_workers", "0", "--base_learning_rate", "2e-3",
-        "--warmup_steps", "1", "--pca_num_images", "64", "--pca_num_patches", "1024", "--logging_steps", "1",
-        "--monitor_steps", "0", "--seed", "0", "--train_dir", str(data), "--output_dir", str(output_dir),
-        "--max_steps", "4", "--save_steps", "2", "--resume_from_checkpoint", "latest"])
-    expected = load_file(FIXTURES / "ldae-0.1.0-run" / "final-model.safetensors")
+    shutil.copytree(today, output_dir / "checkpoint-2")
+    for name in ("trainer_state.json", "config.json", "preprocessor_config.json"):
+        shutil.copy(old / "checkpoint-2" / name, output_dir / "checkpoint-2" / name)
+    run_pretrain.main([*LDAE_0_1_0_RUN, "--train_dir", str(data), "--output_dir", str(output_dir),
+                       "--resume_from_checkpoint", "latest"])
     resumed = load_file(output_dir / "model.safetensors")
-    assert resumed.keys() == expected.keys()
-    for key in expected:
-        torch.testing.assert_close(resumed[key], expected[key], atol=1e-6, rtol=1e-5, msg=key)
+    fingerprint = json.loads((old / "final_weights.json").read_text())
+    assert resumed.keys() == fingerprint.keys()
+    for key, expected in fingerprint.items():
+        torch.testing.assert_close(resumed[key].norm().item(), expected["norm"], atol=1e-6, rtol=1e-5, msg=key)
+        torch.testing.assert_close(resumed[key].flatten()[:4].tolist(), expected["first"], atol=1e-6, rtol=1e-5,
+                                   msg=key)
 
 
 def test_input_error_for_a_stage_on_another_model_type(tmp_path):
