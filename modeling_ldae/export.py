@@ -44,6 +44,9 @@ def _check(model: LDAEPreTrainedModel, pixel_values: torch.Tensor) -> None:
     if model.training:
         raise ValueError("The model is in training mode (dropout, drop path, noisy tokenizer samples would be "
                          "traced): call model.eval() before exporting it.")
+    if model.config.feature_input == "noisy":
+        raise ValueError("feature_input='noisy' draws its fixed-seed noise with a torch.Generator, which torch.export "
+                         "cannot trace at a dynamic size: export with feature_input 'clean' (the default) or 'pca'.")
     patch = model.config.patch_size
     if pixel_values.ndim != 4 or any(size % patch or size < 2 * patch for size in pixel_values.shape[-2:]):
         raise ValueError(f"The example `pixel_values` has shape {tuple(pixel_values.shape)}: pass (batch, channels, "

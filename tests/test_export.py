@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from test_modeling import tiny_config
 from torch.utils._pytree import tree_leaves
 
-from modeling_ldae import JOURNEY_STAGES, LDAEBackbone, LDAEForImageClassification, fit_patch_pca
+from modeling_ldae import JOURNEY_STAGES, LDAEBackbone, LDAEForImageClassification, LDAEModel, fit_patch_pca
 from modeling_ldae.export import export, export_kwargs, export_onnx
 
 TRACED_SHAPE = (2, 32, 32)  # batch, height, width of the example the program is traced with
@@ -97,3 +97,6 @@ def test_export_refuses_a_training_model_and_sizes_it_cannot_trace(pca, cifar10_
         export(encoder.train(), real_images(cifar10_train_images, *TRACED_SHAPE))
     with pytest.raises(ValueError, match=r"multiples of the patch \(8\), at least 16"):
         export(encoder.eval(), real_images(cifar10_train_images, 2, 8, 32))
+    noisy = LDAEModel(tiny_config(num_hidden_layers=1, feature_input="noisy")).eval()
+    with pytest.raises(ValueError, match="feature_input='noisy' .* export with feature_input 'clean'"):
+        export(noisy, real_images(cifar10_train_images, *TRACED_SHAPE))
