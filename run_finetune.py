@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     + (f", EMA {training_args.model_ema_decay:g}: the saved weights are the EMA (eval_*; "
                        "eval_without_ema_* are the raw weights)." if ema is not None else ".")
                 )
-                write_classifier_card("fine_tune", description, model_args, data_args, training_args,
-                                      len(data.class_names), results)
+                write_classifier_card("fine_tune", description, model.config, model_args, data_args,
+                                      training_args, data, results)
                 if repo_id is not None:
                     hub.push_to_hub(training_args.output_dir, repo_id, token=training_args.hub_token,
                                     private=training_args.hub_private_repo)

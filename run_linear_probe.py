@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     + ("Features were extracted once from center crops, without augmentation."
                        if training_args.cache_features else "Training images: random resized crop + flip.")
                 )
-                write_classifier_card("linear_probe", description, model_args, data_args, training_args,
-                                      len(data.class_names), results)
+                write_classifier_card("linear_probe", description, model.config, model_args, data_args,
+                                      training_args, data, results)
                 if repo_id is not None:
                     hub.push_to_hub(training_args.output_dir, repo_id, token=training_args.hub_token,
                                     private=training_args.hub_private_repo)

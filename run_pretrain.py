@@ -386,7 +386,8 @@ def pretrain(model_args, data_args, args, hooks=()) -> monitors.LoopState | None
         raise SystemExit(stop.exit_code)
     write_card = partial(write_pretraining_card, model=accelerator.unwrap_model(model), source=data.source,
                          repo_id=repo_id, steps=state.step, global_batch=global_batch, last_loss=state.last_loss,
-                         knn_top1=next((h.last_top1 for h in hooks if isinstance(h, monitors.KnnMonitor)), None),
+                         knn=next((h.last_result for h in hooks if isinstance(h, monitors.KnnMonitor)), None),
+                         knn_splits=(data_args.train_split_name, data_args.eval_split_name),
                          arguments=arguments)
     save_final_model(accelerator, model, output_dir, image_size, write_card)
     if args.push_to_hub and accelerator.is_main_process:

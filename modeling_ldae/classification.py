@@ -594,22 +594,31 @@ def describe_features(config) -> str:
             f"{config.num_hidden_layers} encoder blocks")
 
 
-def write_classifier_card(protocol: str, description: str, model_args: ModelArguments,
-                          data_args: DataTrainingArguments, training_args: TrainingArguments, num_classes: int,
+def write_classifier_card(protocol: str, description: str, config, model_args: ModelArguments,
+                          data_args: DataTrainingArguments, training_args: TrainingArguments, data: LabelledSplits,
                           results: dict[str, Any]) -> None:
-    """The output folder's README.md: Hub metadata, `description`, how to use it, results and arguments (no token)."""
+    """The output folder's README.md for the classifier of `config`: Hub metadata, `description`, how to use it, the
+    evaluation's top-1 / top-5 on its data set and split as model-index, the other results and the arguments (no
+    token)."""
     arguments = {**{k: v for k, v in asdict(model_args).items() if k != "token"}, **asdict(data_args),
                  **training_args.to_dict()}
+    eval_results = []
+    if "eval_top1" in results:
+        dataset = hub.CardDataset.of(data.eval_source.name, data.eval_split, data.eval_source.dataset_config_name)
+        task = {"linear_probe": "Linear probe (MAE protocol)", "fine_tune": "Fine-tuning (MAE protocol)"}[protocol]
+        eval_results = [hub.accuracy_result(results[f"eval_top{k}"], f"Top-{k} accuracy", task, dataset, top_k=k,
+                                            num_examples=results["eval_samples"]) for k in (1, 5)]
     hub.write_model_card(
         training_args.output_dir,
         model_name=training_args.hub_model_id or Path(training_args.output_dir).name,
+        config=config,
         base_model=hub.hub_id(model_args.model_name_or_path),
         datasets=hub.hub_id(data_args.dataset_name),
         pipeline_tag="image-classification",
         tags=["ldae", "vision", "image-classification", protocol.replace("_", "-")],
         description=f"{description}\n\nPre-trained checkpoint: `{model_args.model_name_or_path}`. Data: "
-        f"`{data_args.dataset_name or data_args.train_dir}` ({num_classes} classes). Usage: "
-        '`pipeline("image-classification", model=...)` (import `modeling_ldae`, or pass `trust_remote_code=True`).',
+        f"`{data_args.dataset_name or data_args.train_dir}` ({len(data.class_names)} classes).",
+        eval_results=eval_results,
+        figures={k: v for k, v in results.items() if k.endswith(CARD_RESULTS)},
         training_arguments=arguments,
-        results={k: v for k, v in results.items() if k.endswith(CARD_RESULTS)},
     )

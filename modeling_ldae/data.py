@@ -490,6 +490,8 @@ class LabelledSplits:
     class_names: list[str]
     num_train_examples: int | None  # None: a stream of unknown size
     num_eval_examples: int | None
+    eval_source: DataSource | None = None  # where the evaluation split comes from, and its name (for model cards)
+    eval_split: str | None = None
 
 
 def load_labelled_splits(source: DataSource, data_args: Any, do_train: bool, do_eval: bool,
@@ -505,7 +507,7 @@ def load_labelled_splits(source: DataSource, data_args: Any, do_train: bool, do_
     for flag in ("max_train_samples", "max_eval_samples"):
         if getattr(data_args, flag) is not None and getattr(data_args, flag) <= 0:
             raise InputError(f"--{flag} {getattr(data_args, flag)} leaves no examples: pass a positive number.")
-    train = eval_ = num_train = num_eval = None
+    train = eval_ = num_train = num_eval = eval_source = eval_split = None
     if do_eval:
         eval_source = source if data_args.validation_dir is None else DataSource(
             train_dir=data_args.validation_dir, token=source.token, cache_dir=source.cache_dir)
@@ -523,6 +525,7 @@ def load_labelled_splits(source: DataSource, data_args: Any, do_train: bool, do_
         eval_ = _first(held_out["test"], data_args.max_eval_samples)  # both parts are shuffled already
         train = _first(held_out["train"], data_args.max_train_samples) if do_train else None
         num_eval, num_train = len(eval_), None if train is None else len(train)
+        eval_split = f"{data_args.train_split_name} ({data_args.train_val_split:.0%} held out)"
     elif do_train:
         train, num_train = open_split(source, data_args.train_split_name, data_args.streaming,
                                       data_args.max_train_samples, shuffle_seed=seed,
@@ -544,7 +547,8 @@ def load_labelled_splits(source: DataSource, data_args: Any, do_train: bool, do_
                     for dataset in (train, eval_))
     if isinstance(train, datasets.IterableDataset) and data_args.shuffle_buffer_size > 0:
         train = train.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
-    return LabelledSplits(train, eval_, image_column, label_column, class_names, num_train, num_eval)
+    return LabelledSplits(train, eval_, image_column, label_column, class_names, num_train, num_eval, eval_source,
+                          eval_split)
 
 
 def _eval_split_name(source: DataSource, requested: str | None, is_validation_folder: bool) -> str | None:

@@ -295,10 +295,23 @@ class HeldOutDenoising(TrainingHook):
         return metrics
 
 
+@dataclass(frozen=True)
+class KnnResult:
+    """A k-NN evaluation: top-1 in percent and what it ran on (it runs on a subsample, so the card says how large)."""
+
+    top1: float
+    k: int
+    temperature: float
+    bank_size: int
+    query_size: int
+
+
 class KnnMonitor(TrainingHook):
     """Every `every` steps: k-NN top-1 (k = 20, T = 0.07) of the encoder's pooled features (`LDAEModel`, clean image
     at the feature t) of held-out queries against a labelled bank of training images; each process encodes its
-    share. `last_top1` keeps the latest value (for the model card)."""
+    share. `last_result` keeps the latest (for the model card)."""
+
+    temperature = 0.07
 
     def __init__(self, bank_rows, query_rows, image_column: str, label_column: str, image_size: int, every: int,
                  batch_size: int, accelerator: Accelerator):
@@ -310,7 +323,7 @@ class KnnMonitor(TrainingHook):
                                             put_on_device=True)
                         for rows in (bank_rows, query_rows)]
         self.every = every
-        self.last_top1 = None
+        self.last_result: KnnResult | None = None
 
     @torch.no_grad()
     def on_step(self, state):
@@ -321,11 +334,13 @@ class KnnMonitor(TrainingHook):
         (bank, bank_labels), (queries, query_labels) = (extract_features(encode, loader, state.accelerator)
                                                         for loader in self.loaders)
         backbone.train()
-        keep = bank_labels >= 0  # images that failed to decode are blank stand-ins
+        keep, answered = bank_labels >= 0, query_labels >= 0  # images that failed to decode are blank stand-ins
         num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
-        self.last_top1 = knn_top1(bank[keep], bank_labels[keep], queries[query_labels >= 0],
-                                  query_labels[query_labels >= 0], num_classes, k=min(20, int(keep.sum())))
-        return {"knn/top1": self.last_top1}
+        k = min(20, int(keep.sum()))
+        top1 = knn_top1(bank[keep], bank_labels[keep], queries[answered], query_labels[answered], num_classes, k=k,
+                        temperature=self.temperature)
+        self.last_result = KnnResult(top1, k, self.temperature, int(keep.sum()), int(answered.sum()))
+        return {"knn/top1": top1}
 
 
 class ProgressBar(TrainingHook):

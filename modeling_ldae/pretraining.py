@@ -40,7 +40,7 @@ from . import data as ldae_data
 from . import hub
 from .cli import InputError
 from .configuration_ldae import JOURNEY_STAGES, LDAEConfig
-from .monitors import LoopState
+from .monitors import KnnResult, LoopState
 from .pca import PatchPCAAccumulator, explained_variance_ratio
 
 logger = get_logger(__name__)  # main process only
@@ -389,12 +389,20 @@ def save_final_model(accelerator: Accelerator, model, output_dir: Path, image_si
 
 
 def write_pretraining_card(folder: Path, model, source: ldae_data.DataSource, repo_id: str, steps: int,
-                           global_batch: int, last_loss: float | None, knn_top1: float | None,
-                           arguments: dict[str, Any]) -> None:
+                           global_batch: int, last_loss: float | None, knn: KnnResult | None,
+                           knn_splits: tuple[str, str | None], arguments: dict[str, Any]) -> None:
+    """The output folder's README.md: what was trained on what, the k-NN monitor's last result (bank: the first
+    split of `knn_splits`, queries: the second) as model-index, the run's figures and arguments."""
     config, dataset = model.config, hub.hub_id(None if source.is_local else source.name)
     results = {"training steps": steps, "global batch": global_batch, "final training loss": last_loss}
-    if knn_top1 is not None:
-        results["k-NN top-1 (k=20, T=0.07)"] = knn_top1
+    eval_results = []
+    if knn is not None:
+        bank_split, query_split = knn_splits
+        eval_results.append(hub.accuracy_result(
+            knn.top1 / 100, "k-NN top-1 accuracy", "k-NN classification of the frozen features",
+            hub.CardDataset.of(source.name, query_split, source.dataset_config_name), k=knn.k,
+            temperature=knn.temperature, bank_size=knn.bank_size, bank_split=bank_split, query_size=knn.query_size,
+        ))
     is_ldae = config.model_type == LDAEConfig.model_type
     if is_ldae:
         if config.tokenizer_type == "pca":
@@ -419,14 +427,13 @@ def write_pretraining_card(folder: Path, model, source: ldae_data.DataSource, re
         if journey:
             description += (" A stage of the paper's deconstructive journey, not l-DAE itself: "
                             + ", ".join(f"{key}={value}" for key, value in journey.items()) + ".")
-        if config.tokenizer_type == "conv_vae":
-            description += " Loading it needs `diffusers` (`pip install diffusers`), which provides its tokenizer."
     else:
         description = (f"{type(model).__name__} pre-trained with `run_pretrain.py` (the l-DAE project's loop, as a "
                        f"baseline) for {steps} steps on {dataset or 'local images'}.")
     hub.write_model_card(
-        folder, model_name=repo_id, datasets=[dataset] if dataset else None, pipeline_tag="image-feature-extraction",
+        folder, model_name=repo_id, config=config, datasets=[dataset] if dataset else None,
+        pipeline_tag="image-feature-extraction",
         tags=["ldae", "self-supervised-learning", "denoising-autoencoder", "vision"] if is_ldae
         else ["self-supervised-learning", "vision", config.model_type],
-        description=description, training_arguments=arguments, results=results,
+        description=description, eval_results=eval_results, figures=results, training_arguments=arguments,
     )

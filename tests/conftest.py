@@ -92,6 +92,23 @@ def write_cifar_subset(cifar10_dir: Path, folder: Path, num_train: int, num_eval
     return folder
 
 
+def check_classifier_card(card_path: Path, results: dict, task_name: str, data: Path) -> None:
+    """A probe's or fine-tune's card, loaded as the Hub reads it: Apache-2.0, the paper, usage with remote code, and
+    its model-index holding exactly the run's evaluation top-1 / top-5 on the local `data` folder's test split."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(card_path)
+    assert card.data.license == "apache-2.0" and "arxiv:2401.14404" in card.data.tags
+    assert "trust_remote_code=True" in card.text and "import modeling_ldae" in card.text
+    top1, top5 = card.data.eval_results
+    for result, k in ((top1, 1), (top5, 5)):
+        assert (result.task_type, result.task_name) == ("image-classification", task_name)
+        assert (result.dataset_type, result.dataset_name, result.dataset_split) == ("imagefolder", data.name, "test")
+        assert result.metric_value == results[f"eval_top{k}"]
+        assert result.metric_args == {"num_examples": results["eval_samples"]}
+    assert (top1.metric_type, top5.metric_type) == ("accuracy", "top_5_accuracy")
+
+
 class RecordingHfApi:
     """Stands in for `huggingface_hub.HfApi` at the network boundary, the suite's one fake Hub client. Every call is
     bound against the real `HfApi` signature (a call the real client would reject fails here too), and

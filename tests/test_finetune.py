@@ -15,7 +15,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-from conftest import recording_hub, write_cifar_subset
+from conftest import check_classifier_card, recording_hub, write_cifar_subset
 from modeling_ldae import LDAEConfig, LDAEForImageClassification
 from modeling_ldae.classification import ClassificationTrainer, FineTuneTrainingArguments, soft_target_cross_entropy
 from modeling_ldae.data import decode_image
@@ -100,7 +100,7 @@ def test_saved_model_is_merged_single_label_with_ema_weights(finetune_run):
     assert results["eval_top1"] == pytest.approx(np.mean([p["top5"][0] == p["label"] for p in predictions]))
 
 
-def test_push_uploads_our_card_and_the_model_without_checkpoints(finetune_run):
+def test_push_uploads_our_card_and_the_model_without_checkpoints(finetune_run, cifar_small):
     _, results, hub_calls = finetune_run
     (_, create), (_, upload) = hub_calls[1:]
     assert create["repo_id"] == upload["repo_id"] == "someone/ldae-tiny-finetuned"
@@ -109,6 +109,8 @@ def test_push_uploads_our_card_and_the_model_without_checkpoints(finetune_run):
     card = (Path(upload["folder_path"]) / "README.md").read_text()
     assert "- fine-tune" in card and "End-to-end fine-tuning (MAE protocol)" in card
     assert f"| eval_without_ema_top1 | {results['eval_without_ema_top1']:.4f} |" in card
+    # The model-index holds the saved (EMA) weights' eval_top1 / eval_top5.
+    check_classifier_card(Path(upload["folder_path"]) / "README.md", results, "Fine-tuning (MAE protocol)", cifar_small)
 
 
 def test_output_folder_works_in_pipeline(finetune_run, cifar_small):

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, pipeline
 
-from conftest import recording_hub, write_cifar_subset
+from conftest import check_classifier_card, recording_hub, write_cifar_subset
 from modeling_ldae import LDAEConfig, LDAEForImageClassification, LDAEForPreTraining
 from modeling_ldae.data import decode_image
 from modeling_ldae.optim import steps_from_epochs
@@ -135,7 +135,7 @@ def test_output_folder_works_in_pipeline(probe_run, cifar_small):
     assert predicted == [model.config.id2label[i] for i in logits.argmax(-1).tolist()]
 
 
-def test_push_uploads_our_card_and_the_model_without_checkpoints(probe_run):
+def test_push_uploads_our_card_and_the_model_without_checkpoints(probe_run, cifar_small):
     _, results, hub_calls = probe_run
     assert [name for name, _ in hub_calls] == ["init", "create_repo", "upload_folder"]
     upload = hub_calls[-1][1]
@@ -148,6 +148,8 @@ def test_push_uploads_our_card_and_the_model_without_checkpoints(probe_run):
     assert "pipeline_tag: image-classification" in card and "- linear-probe" in card
     assert "Linear probe (MAE protocol, augmented)" in card
     assert f"| eval_top1 | {results['eval_top1']:.4f} |" in card
+    check_classifier_card(Path(upload["folder_path"]) / "README.md", results, "Linear probe (MAE protocol)",
+                          cifar_small)
 
 
 def test_cached_features_same_head_and_saved_model(cached_run, probe_run, tiny_checkpoint, cifar_small):

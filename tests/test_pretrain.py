@@ -147,7 +147,16 @@ def test_end_to_end_output_loads_with_fitted_pca_and_health_signals(trained_run,
     assert not list(output_dir.glob(".tmp*"))
     card = ModelCard.load(output_dir / "README.md")
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-feature-extraction"
-    assert "| training steps | 24 |" in card.text and "k-NN top-1" in card.text and "final training loss" in card.text
+    assert card.data.license == "apache-2.0" and "arxiv:2401.14404" in card.data.tags
+    assert "| training steps | 24 |" in card.text and "final training loss" in card.text
+    assert 'AutoModel.from_pretrained("someone/ldae-tiny-cifar", trust_remote_code=True)' in card.text
+    # The k-NN monitor's last result, on the local data's held-out split, with what it ran on.
+    (knn,) = card.data.eval_results
+    assert (knn.dataset_type, knn.dataset_name, knn.dataset_split) == ("imagefolder", parquet_dir.name, "test")
+    assert (knn.task_type, knn.metric_type) == ("image-classification", "accuracy")
+    assert knn.metric_value == pytest.approx(expected / 100, abs=1e-6)
+    assert knn.metric_args == {"k": 20, "temperature": 0.07, "bank_size": 128, "bank_split": "train",
+                               "query_size": 64}
 
 
 def test_push_to_hub_uploads_the_model_without_checkpoints(trained_run):
