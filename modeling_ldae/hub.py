@@ -7,7 +7,7 @@ the card written by `write_model_card`.
 import importlib.metadata
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,7 +155,7 @@ def write_model_card(
     pipeline_tag: str,
     tags: list[str],
     description: str,
-    eval_results: list[EvalResult] = (),
+    eval_results: Sequence[EvalResult] = (),
     figures: Mapping[str, Any],
     training_arguments: Mapping[str, Any],
 ) -> ModelCard:
