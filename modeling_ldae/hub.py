@@ -136,8 +136,8 @@ def _requirements(config) -> str:
         text += (f"; loading it needs `diffusers` (`{declared_requirement('diffusers')}`): its tokenizer is a "
                  "convolutional VAE, `diffusers`' `AutoencoderKL` (`pip install 'ldae[diffusers]'`)")
     if config.model_type == "ldae":
-        text += (". The `ldae` package (`pip install -e .` in a clone of the project) brings them and adds the "
-                 "training and evaluation scripts; `pip install 'ldae[export]'` adds ONNX export")
+        text += (". The `ldae` package (`pip install -e .` in a clone of the project) registers the model with the "
+                 "Auto classes; its `export` extra adds ONNX export")
     return text + "."
 
 
