@@ -329,6 +329,24 @@ PAPER = {  # ImageNet linear probe, ViT-1/2L unless noted (docs/method.md)
     "split": {9: 58.5, 10: 62.0, 11: 64.1, 12: 64.5, 13: 63.6, 14: 61.9, 15: 59.7},  # encoder blocks of 24
 }
 READING_MARKER = "<!-- reading: written by hand below this line, kept when the report is regenerated -->"
+HEALTH_TIMESTEPS = (10, 250, 500, 750, 999)  # run_pretrain.py's default --monitor_timesteps
+
+
+def health_table(runs: dict[str, str | Path]) -> list[str]:
+    """A markdown table of each l-DAE run's last held-out monitor against copying the noisy input (the loss of a
+    network that learned nothing: below 1 means it denoises), overall and per t; runs not yet monitored are left out.
+    At each t the ratio does not depend on the loss weighting (it multiplies both losses alike)."""
+    lines = ["| run | held-out loss | / copy | " + " | ".join(f"t = {x}" for x in HEALTH_TIMESTEPS) + " |",
+             "|---|---|---|" + "---|" * len(HEALTH_TIMESTEPS)]
+    for name, path in runs.items():
+        monitors = [m for m in run_metrics(path) if "monitor/loss" in m]
+        if not monitors:
+            continue
+        last = monitors[-1]
+        ratios = [last[f"monitor/loss_t{x}"] / last[f"monitor/copy_loss_t{x}"] for x in HEALTH_TIMESTEPS]
+        lines.append(f"| {name} | {last['monitor/loss']:.3f} | {last['monitor/loss'] / last['monitor/copy_loss']:.2f} | "
+                     + " | ".join(f"{x:.2f}" for x in ratios) + " |")
+    return lines
 
 
 class Report:
@@ -386,22 +404,10 @@ class Report:
         return figures
 
     def health(self) -> list[str]:
-        """Held-out loss of each l-DAE run's last monitor against copying the noisy input (the loss of a network
-        that learned nothing: below 1 means it denoises)."""
-        timesteps = (10, 250, 500, 750, 999)
-        lines = ["Health at the end of each l-DAE run (`run_pretrain.py`'s monitor, held-out test images): the loss "
-                 "divided by the loss of copying the noisy input, overall and per time step (< 1: it denoises).", "",
-                 "| run | held-out loss | / copy | " + " | ".join(f"t = {x}" for x in timesteps) + " |",
-                 "|---|---|---|" + "---|" * len(timesteps)]
-        for name, info in sorted(self.runs.items()):
-            monitors = [m for m in run_metrics(info["path"]) if "monitor/loss" in m]
-            if name.startswith("mae") or not monitors:
-                continue
-            last = monitors[-1]
-            ratios = [last[f"monitor/loss_t{x}"] / last[f"monitor/copy_loss_t{x}"] for x in timesteps]
-            lines.append(f"| {name} | {last['monitor/loss']:.3f} | {last['monitor/loss'] / last['monitor/copy_loss']:.2f} | "
-                         + " | ".join(f"{x:.2f}" for x in ratios) + " |")
-        return lines + [""]
+        return ["Health at the end of each l-DAE run (`run_pretrain.py`'s monitor, held-out test images): the loss "
+                "divided by the loss of copying the noisy input, overall and per time step (< 1: it denoises).", "",
+                *health_table({name: info["path"] for name, info in sorted(self.runs.items())
+                               if not name.startswith("mae")}), ""]
 
     @staticmethod
     def _save(fig, path: Path) -> str:
