@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForPreTraining
 
 import run_pretrain
-from conftest import recording_hub
-from modeling_ldae import LDAEConfig, LDAEForPreTraining, LDAEModel
+from conftest import recording_hub, write_cifar_subset
+from modeling_ldae import JOURNEY_STAGES, LDAEConfig, LDAEForPreTraining, LDAEModel
 from modeling_ldae.cli import InputError
 from modeling_ldae import hub
 from modeling_ldae.monitors import TrainingHook, read_metrics
@@ -316,7 +316,7 @@ def test_two_processes_each_example_once_per_epoch(tmp_path, parquet_dir):
     assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-16"]
 
 
-RECIPES = sorted((REPO_ROOT / "configs" / "pretrain").glob("ldae-*.yaml"))
+RECIPES = sorted((REPO_ROOT / "configs" / "pretrain").glob("ldae-vit-*.yaml"))  # the paper's ImageNet recipes
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
@@ -334,6 +334,24 @@ def test_mae_baseline_recipe_builds_vit_mae_at_256px():
     config = build_model(model_args).config
     assert config.model_type == "vit_mae" and config.image_size == 256 and config.hidden_size == 768
     assert args.per_device_train_batch_size * 8 == 2048 and args.num_train_epochs == 400
+
+
+def test_cifar10_recipe_is_the_studies_regime_and_trains(tmp_path, cifar10_dir):
+    recipe = REPO_ROOT / "configs" / "pretrain" / "ldae-cifar10-recipe.yaml"
+    model_args, _, args = run_pretrain.parse_args([str(recipe), "--output_dir", str(tmp_path)])
+    assert (args.per_device_train_batch_size, args.base_learning_rate, args.max_steps, args.warmup_steps,
+            args.lr_scheduler_type) == (32, 8e-3, 3099, 154, "cosine")
+    output_dir = tmp_path / "out"
+    run([recipe, "--dataset_name", write_cifar_subset(cifar10_dir, tmp_path / "data", 64, 16), "--output_dir",
+         output_dir, "--max_steps", 2, "--warmup_steps", 1, "--pca_num_images", 64, "--monitor_steps", 0,
+         "--dataloader_num_workers", 0, "--save_steps", 0, "--logging_steps", 1])
+    config = LDAEConfig.from_pretrained(output_dir)
+    expected = {**JOURNEY_STAGES[model_args.journey_stage], "image_size": 32, "patch_size": 8, "pca_dim": 8,
+                "hidden_size": 192, "num_hidden_layers": 4, "decoder_num_hidden_layers": 4, "num_attention_heads": 3,
+                "intermediate_size": 768, "adaln_init": "zero"}
+    assert {key: getattr(config, key) for key in expected} == expected
+    assert [m["step"] for m in read_metrics(output_dir) if "train/loss" in m] == [1, 2]
+    assert AutoModelForPreTraining.from_pretrained(output_dir).ldae.pca.is_fitted
 
 
 # ---------------------------------------------------------------------------------------------------- faults
