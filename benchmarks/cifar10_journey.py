@@ -341,13 +341,21 @@ def write_report(lab: Study, jobs: list[Job], path: Path, args) -> None:
               + "; ".join(f"{label} {sum(w) / len(w):.1f} min ({len(w)} runs)" if w else f"{label} —"
                           for label, w in (("conv VAE tokenizer (it encodes every batch)", walls[True]),
                                            ("the others", walls[False]))) + ".", "",
-              "| job | wall clock (min) | linear probe | (train) | k-NN |", "|---|---|---|---|---|"]
+              *job_table(jobs, results)]
+    write_keeping_reading(path, lines)
+
+
+def job_table(jobs: list[Job], results: dict) -> list[str]:
+    """Every job's wall clock (of its last segment if it was resumed) and probe figures."""
+    runs = results.get("pretraining", {})
+    figure = lambda name, metric: f"{results[name][metric]:.1f}" if name in results else "—"  # noqa: E731
+    lines = ["| job | wall clock (min) | linear probe | (train) | k-NN |", "|---|---|---|---|---|"]
     for job in jobs:
         run = runs.get(job.name)
         wall = "—" if run is None else f"{run['wall_seconds'] / 60:.1f}{' (last segment)' if run['resumed'] else ''}"
-        lines.append(f"| {job.name} | {wall} | {one(job.name)} | {one(job.name, 'linear_probe_train_top1')} | "
-                     f"{one(job.name, 'knn_top1')} |")
-    write_keeping_reading(path, lines)
+        lines.append(f"| {job.name} | {wall} | {figure(job.name, 'linear_probe_top1')} | "
+                     f"{figure(job.name, 'linear_probe_train_top1')} | {figure(job.name, 'knn_top1')} |")
+    return lines
 
 
 def write_keeping_reading(path: Path, lines: list[str]) -> None:
@@ -401,15 +409,26 @@ def main(argv=None):
     selected = select(jobs, args.only, set(lab.results.get("pretraining", {})))
     if args.plan:
         return show_plan(selected, lab, args.parallel_runs)
+    run_study(lab, jobs, selected, args, probe_runs, write_report, folders=("runs", "tokenizers", "logs", "probes"))
+
+
+def probe_runs(lab: Study, jobs: list[Job], args) -> None:
+    for job in jobs:
+        if job.dae and job.name in lab.results["pretraining"]:
+            lab.evaluate(job.name, lambda folder=job.folder: ldae_encoder(folder, args.device))
+
+
+def run_study(lab: Study, jobs: list[Job], selected: list[Job], args, evaluate, write_report,
+              folders: tuple[str, ...]) -> None:
+    """Unless --report: train the unfinished `selected` jobs, then `evaluate(lab, selected, args)` them (probes are
+    cached). Then the report of all `jobs`, from what exists; a failed job fails the command after it."""
     failed = []
     if not args.report:
-        for folder in ("runs", "tokenizers", "logs", "probes"):
+        for folder in folders:
             (lab.output_dir / folder).mkdir(parents=True, exist_ok=True)
         failed = execute(selected, lab, args.parallel_runs, time.time() + 3600 * args.hours)
         torch.set_num_threads(args.threads)
-        for job in selected:
-            if job.dae and job.name in lab.results["pretraining"]:
-                lab.evaluate(job.name, lambda folder=job.folder: ldae_encoder(folder, args.device))
+        evaluate(lab, selected, args)
     write_report(lab, jobs, Path(args.report_file), args)
     print(f"report written to {args.report_file}")
     if failed:

@@ -335,7 +335,10 @@ HEALTH_TIMESTEPS = (10, 250, 500, 750, 999)  # run_pretrain.py's default --monit
 def health_table(runs: dict[str, str | Path]) -> list[str]:
     """A markdown table of each l-DAE run's last held-out monitor against copying the noisy input (the loss of a
     network that learned nothing: below 1 means it denoises), overall and per t; runs not yet monitored are left out.
-    At each t the ratio does not depend on the loss weighting (it multiplies both losses alike)."""
+    At each t the ratio does not depend on the loss weighting (it multiplies both losses alike); where the copy's
+    loss is 0 it is undefined ("—"): at t = 999 of a variance-preserving schedule the input is pure noise, so copying
+    it is the exact epsilon and a clean-signal loss has weight gamma^2 = 0 there."""
+    ratio = lambda loss, copy: "—" if copy == 0 else f"{loss / copy:.2f}"  # noqa: E731
     lines = ["| run | held-out loss | / copy | " + " | ".join(f"t = {x}" for x in HEALTH_TIMESTEPS) + " |",
              "|---|---|---|" + "---|" * len(HEALTH_TIMESTEPS)]
     for name, path in runs.items():
@@ -343,9 +346,9 @@ def health_table(runs: dict[str, str | Path]) -> list[str]:
         if not monitors:
             continue
         last = monitors[-1]
-        ratios = [last[f"monitor/loss_t{x}"] / last[f"monitor/copy_loss_t{x}"] for x in HEALTH_TIMESTEPS]
-        lines.append(f"| {name} | {last['monitor/loss']:.3f} | {last['monitor/loss'] / last['monitor/copy_loss']:.2f} | "
-                     + " | ".join(f"{x:.2f}" for x in ratios) + " |")
+        ratios = [ratio(last[f"monitor/loss_t{x}"], last[f"monitor/copy_loss_t{x}"]) for x in HEALTH_TIMESTEPS]
+        lines.append(f"| {name} | {last['monitor/loss']:.3f} | {ratio(last['monitor/loss'], last['monitor/copy_loss'])} | "
+                     + " | ".join(ratios) + " |")
     return lines
 
 
