@@ -831,6 +831,56 @@ class LDAEModel(LDAEPreTrainedModel):
         self.time_embedder = None
         config.time_conditioning_merged = True
         config.merged_timestep = timestep
+        return self.fold_tokenizer()  # and a linear tokenizer in front of the blocks joins the patch embedding
+
+    @torch.no_grad()
+    def fold_tokenizer(self) -> "LDAEModel":
+        """Fold a linear tokenizer in front of a merged encoder into a patch embedding, so that it takes images as
+        they are, with the same outputs (fp32 rounding). The latent tokens of the PCA, V (x - mu), of the patch AE and
+        of the patch VAE's posterior mean, s (E x + e), are an affine map of each patch, z = M x + c, and so is the PCA
+        projection of `feature_input="pca"`, mu + V^T V (x - mu): the token embedding W, b after it (a Linear of the
+        latent, or the patch convolution) becomes the patch convolution W M, b + W c.
+
+        The config then says what the forward pass does, `denoiser_input="pixels"`, `feature_input="clean"`, so the
+        checkpoint loads as the ViT it now is, also with versions of this file that predate the fold (no new key to
+        ignore); the tokenizer stays in it, unused, the record of the latent the encoder was trained on (its tensors
+        are required keys on loading). A conv VAE's latent and `feature_input="noisy"` are not linear maps of the
+        patch: left as they are."""
+        config = self.config
+        if not config.time_conditioning_merged:
+            raise ValueError("fold_tokenizer() applies to a merged encoder (the input an unmerged model trains on is "
+                             "part of pre-training): call merge_time_conditioning(), which folds it too.")
+        tokenizer = self.latent_tokenizer
+        if config.feature_input == "noisy" or (config.denoiser_input, config.feature_input) == ("pixels", "clean"):
+            return self
+        # Per patch, in float64 and in `patchify`'s (row, column, channel) order: what the token projection sees,
+        # matrix @ x + offset.
+        if isinstance(tokenizer, LDAEPatchPCA):
+            tokenizer.require_fitted("Folding the tokenizer into the patch embedding")
+            basis, mean = tokenizer.components[: tokenizer.pca_dim].double(), tokenizer.mean.double()
+            matrix, offset = basis, -basis @ mean
+            if config.denoiser_input == "pixels":  # feature_input="pca": the image decoded back, mu + V^T z
+                matrix, offset = basis.T @ matrix, mean + basis.T @ offset
+        elif isinstance(tokenizer, LDAEPatchAutoencoder):
+            tokenizer.require_fitted("Folding the tokenizer into the patch embedding")
+            scale = tokenizer.latent_scale.double()
+            matrix, offset = scale * tokenizer.encoder.weight.double(), scale * tokenizer.encoder.bias.double()
+        else:
+            return self
+        projection, patch, channels = self.embeddings.projection, config.patch_size, config.num_channels
+        weight = projection.weight.double()
+        if config.denoiser_input == "pixels":  # a Conv2d weight is (out, C, p, p): to patchify's order
+            weight = weight.permute(0, 2, 3, 1).flatten(1)
+        patch_embeddings = nn.Conv2d(channels, config.hidden_size, kernel_size=patch, stride=patch,
+                                     device=projection.weight.device, dtype=projection.weight.dtype)
+        patch_embeddings.weight.copy_((weight @ matrix).reshape(-1, patch, patch, channels).permute(0, 3, 1, 2))
+        patch_embeddings.bias.copy_(projection.bias.double() + weight @ offset)
+        patch_embeddings.requires_grad_(projection.weight.requires_grad)
+        if config.denoiser_input == "latent":
+            del self.embeddings.latent_embeddings
+        self.embeddings.patch_embeddings = patch_embeddings
+        config.denoiser_input, config.feature_input = "pixels", "clean"
+        self.embeddings.config = config  # the embeddings read denoiser_input from their own reference
         return self
 
 
