@@ -115,8 +115,8 @@ def build_jobs(args) -> list[Job]:
             jobs.append(Job(needs, folder, command + smoke_flags(smoke), MINUTES[f"tokenizer-{kind}"], max_steps=steps))
             names.add(needs)
         folder, steps = out / "runs" / name, 20 if smoke else DAE_STEPS
-        command = study.pretrain_command(Variant(stage, "ldae", {"pca_dim": d}, seed), data, folder, steps, "cpu",
-                                         save_steps=10 if smoke else SAVE_STEPS)
+        variant = Variant(stage, "ldae", {"pca_dim": d, **study.OLD_INIT}, seed)
+        command = study.pretrain_command(variant, data, folder, steps, "cpu", save_steps=10 if smoke else SAVE_STEPS)
         command += ["--journey_stage", stage] + (["--tokenizer_from", str(out / "tokenizers" / f"{kind}-d{d}")]
                                                  if needs else [])
         jobs.append(Job(name, folder, command + smoke_flags(smoke), MINUTES[kind], needs, dae=True, max_steps=steps))
@@ -278,7 +278,7 @@ def write_report(lab: Study, jobs: list[Job], path: Path, args) -> None:
     folder = path.with_suffix("")
     plot_trajectory(rows, folder / "trajectory.png")
     lines = [
-        "# The deconstructive journey at CIFAR-10 scale: from DiT's recipe (2c) to l-DAE (4e)", "",
+        "# The deconstructive journey at CIFAR-10 scale: from DiT's recipe (2c) to l-DAE (4e)", "", study.INIT_NOTE, "",
         *([("**Smoke test (`--smoke`): 20 DAE steps, 5 tokenizer steps, probes on 2k / 1k images; the numbers "
             "mean nothing.**"), ""] if args.smoke else []),
         ("Command: `python benchmarks/cifar10_journey.py --output_dir <folder>` (resumable; `--plan` shows what is "

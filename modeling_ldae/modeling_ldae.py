@@ -39,6 +39,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ldae import LDAEConfig
+from .scheduling_ldae import LDAENoiseScheduler
 
 
 def _value_checks_enabled() -> bool:
@@ -251,42 +252,8 @@ def make_tokenizer(config: LDAEConfig) -> LDAEFloat32Module:
 # ----------------------------------------------------------------------------------------------------------------
 # Noise, added in the latent: z_t = gamma_t z_0 + sigma_t eps. l-DAE: no signal scaling (gamma_t = 1), sigma_t linear
 # from 0 to sigma_max over T steps. The journey's earlier stages: variance-preserving schedules, gamma^2 + sigma^2 = 1.
+# The schedule, the target and the loss weight live in `scheduling_ldae.LDAENoiseScheduler`; here, the time embedding.
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def timestep_to_sigma(timesteps: torch.Tensor, config: LDAEConfig) -> torch.Tensor:
-    """sigma_t of the schedule, fp32."""
-    if config.noise_schedule == "linear_sigma":
-        return timesteps.to(torch.float32) * (config.sigma_max / (config.num_timesteps - 1))
-    return noise_levels(timesteps, config)[1]
-
-
-def noise_levels(timesteps: torch.Tensor, config: LDAEConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gamma_t, sigma_t) per timestep, fp32. Written here rather than taken from `diffusers`' schedulers so that
-    PCA checkpoints need only torch; `DDPMScheduler(beta_schedule="linear").alphas_cumprod` equals gamma_t^2 of
-    "linear_beta" (tested)."""
-    if config.noise_schedule == "linear_sigma":
-        sigma = timestep_to_sigma(timesteps, config)
-        return torch.ones_like(sigma), sigma
-    if config.noise_schedule == "linear_beta":
-        betas = torch.linspace(config.beta_start, config.beta_end, config.num_timesteps, dtype=torch.float64,
-                               device=timesteps.device)
-        gamma_squared = torch.cumprod(1 - betas, dim=0)[timesteps]
-    else:  # "linear_gamma_squared": 1 > gamma^2 >= 0, falling linearly (the paper gives no offset; this one ends at 0)
-        gamma_squared = 1 - (timesteps.to(torch.float64) + 1) / config.num_timesteps
-    return gamma_squared.sqrt().float(), (1 - gamma_squared).sqrt().float()
-
-
-def loss_weights(timesteps: torch.Tensor, config: LDAEConfig) -> torch.Tensor:
-    """lambda_t: 1 for epsilon prediction (plain MSE, no learned variance or VLB term); for the clean sample
-    gamma^2 / (gamma^2 + sigma^2) = SNR / (1 + SNR): 1 / (1 + sigma^2) unscaled (l-DAE), gamma^2 variance-preserving
-    (4a). One formula, as the eps loss is SNR times the sample loss."""
-    if config.prediction_type == "epsilon":
-        return torch.ones(timesteps.shape, device=timesteps.device)
-    if not config.variance_preserving:  # gamma = 1: the l-DAE step stays as lean as before
-        return 1.0 / (1.0 + timestep_to_sigma(timesteps, config).square())
-    gamma, sigma = noise_levels(timesteps, config)
-    return gamma.square() / (gamma.square() + sigma.square())
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -557,9 +524,20 @@ class LDAEPreTrainedModel(PreTrainedModel):
     # Hidden states = the embeddings, then every block's output; attentions = each block's weights.
     _can_record_outputs = {"hidden_states": LDAEBlock, "attentions": LDAEAttention}
 
+    def _initialize_weights(self, module, *args, **kwargs):
+        # transformers treats every class defined outside its own package as custom code, and for custom code it
+        # marks a module with no parameters of its own as initialised without calling `_init_weights`: every
+        # container branch below (adaLN-Zero, the time MLP, the final layer, the classifier head) would be skipped
+        # and its children would keep the generic xavier init. That skip guards code that writes loaded tensors in
+        # place; every init here goes through `transformers.initialization`, which leaves loaded tensors alone.
+        super()._initialize_weights(module)
+
     def _init_weights(self, module):
-        """DiT's initialisation: xavier linears, zero adaLN-Zero and final layer, fixed sin-cos positions."""
+        """DiT's initialisation: xavier linears, zero adaLN-Zero and final layer, normal(0.02) time MLP, fixed
+        sin-cos positions; MAE's trunc-normal classifier heads. `adaln_init="xavier"` keeps the conditioning path and
+        the final layer xavier, as ldae <= 0.1 initialised them."""
         std = self.config.initializer_range
+        dit_init = self.config.adaln_init == "zero"
         if isinstance(module, (nn.Linear, nn.ConvTranspose2d)):
             init.xavier_uniform_(module.weight)
             if module.bias is not None:
@@ -591,13 +569,15 @@ class LDAEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.latent_scale)  # not trained
             if getattr(module, "log_std", None) is not None:
                 init.zeros_(module.log_std)
-        elif isinstance(module, LDAETimestepEmbedder):
+        elif isinstance(module, LDAENoiseScheduler):
+            module.reset_tables()  # not saved: after meta-device loading the tables are uninitialised memory
+        elif isinstance(module, LDAETimestepEmbedder) and dit_init:
             init.normal_(module.mlp[0].weight, std=std)
             init.normal_(module.mlp[2].weight, std=std)
-        elif isinstance(module, (LDAEBlock, LDAEFinalLayer)) and module.adaLN_modulation is not None:
+        elif isinstance(module, (LDAEBlock, LDAEFinalLayer)) and module.adaLN_modulation is not None and dit_init:
             init.zeros_(module.adaLN_modulation[-1].weight)
             init.zeros_(module.adaLN_modulation[-1].bias)
-        if isinstance(module, LDAEFinalLayer):
+        if isinstance(module, LDAEFinalLayer) and dit_init:
             init.zeros_(module.linear.weight)
             init.zeros_(module.linear.bias)
         elif isinstance(module, LDAEForImageClassification):
@@ -682,6 +662,7 @@ class LDAEModel(LDAEPreTrainedModel):
             self.pca = make_tokenizer(config)
         else:
             self.tokenizer = make_tokenizer(config).requires_grad_(False)
+        self.noise_scheduler = LDAENoiseScheduler.from_config(config)
         self.embeddings = LDAEEmbeddings(config)
         self.time_embedder = None if config.time_conditioning_merged else LDAETimestepEmbedder(config)
         depth = config.num_hidden_layers + (config.decoder_num_hidden_layers if add_decoder else 0)
@@ -756,10 +737,7 @@ class LDAEModel(LDAEPreTrainedModel):
         elif tuple(noise.shape) != expected:
             raise ValueError(f"`noise` has shape {tuple(noise.shape)}, expected (batch, num_patches, pca_dim) = "
                              f"{expected}.")
-        if not self.config.variance_preserving:
-            return latents + timestep_to_sigma(timesteps, self.config)[:, None, None] * noise.float(), noise.float()
-        gamma, sigma = noise_levels(timesteps, self.config)
-        return gamma[:, None, None] * latents + sigma[:, None, None] * noise.float(), noise.float()
+        return self.noise_scheduler.add_noise(latents, noise.float(), timesteps), noise.float()
 
     def add_latent_noise(self, pixel_values, timesteps, noise=None, generator=None):
         """Images -> noisy images in the tokenizer's latent: x_t = mu + V^T (gamma_t V (x - mu) + sigma_t eps) for
@@ -853,6 +831,56 @@ class LDAEModel(LDAEPreTrainedModel):
         self.time_embedder = None
         config.time_conditioning_merged = True
         config.merged_timestep = timestep
+        return self.fold_tokenizer()  # and a linear tokenizer in front of the blocks joins the patch embedding
+
+    @torch.no_grad()
+    def fold_tokenizer(self) -> "LDAEModel":
+        """Fold a linear tokenizer in front of a merged encoder into a patch embedding, so that it takes images as
+        they are, with the same outputs (fp32 rounding). The latent tokens of the PCA, V (x - mu), of the patch AE and
+        of the patch VAE's posterior mean, s (E x + e), are an affine map of each patch, z = M x + c, and so is the PCA
+        projection of `feature_input="pca"`, mu + V^T V (x - mu): the token embedding W, b after it (a Linear of the
+        latent, or the patch convolution) becomes the patch convolution W M, b + W c.
+
+        The config then says what the forward pass does, `denoiser_input="pixels"`, `feature_input="clean"`, so the
+        checkpoint loads as the ViT it now is, also with versions of this file that predate the fold (no new key to
+        ignore); the tokenizer stays in it, unused, the record of the latent the encoder was trained on (its tensors
+        are required keys on loading). A conv VAE's latent and `feature_input="noisy"` are not linear maps of the
+        patch: left as they are."""
+        config = self.config
+        if not config.time_conditioning_merged:
+            raise ValueError("fold_tokenizer() applies to a merged encoder (the input an unmerged model trains on is "
+                             "part of pre-training): call merge_time_conditioning(), which folds it too.")
+        tokenizer = self.latent_tokenizer
+        if config.feature_input == "noisy" or (config.denoiser_input, config.feature_input) == ("pixels", "clean"):
+            return self
+        # Per patch, in float64 and in `patchify`'s (row, column, channel) order: what the token projection sees,
+        # matrix @ x + offset.
+        if isinstance(tokenizer, LDAEPatchPCA):
+            tokenizer.require_fitted("Folding the tokenizer into the patch embedding")
+            basis, mean = tokenizer.components[: tokenizer.pca_dim].double(), tokenizer.mean.double()
+            matrix, offset = basis, -basis @ mean
+            if config.denoiser_input == "pixels":  # feature_input="pca": the image decoded back, mu + V^T z
+                matrix, offset = basis.T @ matrix, mean + basis.T @ offset
+        elif isinstance(tokenizer, LDAEPatchAutoencoder):
+            tokenizer.require_fitted("Folding the tokenizer into the patch embedding")
+            scale = tokenizer.latent_scale.double()
+            matrix, offset = scale * tokenizer.encoder.weight.double(), scale * tokenizer.encoder.bias.double()
+        else:
+            return self
+        projection, patch, channels = self.embeddings.projection, config.patch_size, config.num_channels
+        weight = projection.weight.double()
+        if config.denoiser_input == "pixels":  # a Conv2d weight is (out, C, p, p): to patchify's order
+            weight = weight.permute(0, 2, 3, 1).flatten(1)
+        patch_embeddings = nn.Conv2d(channels, config.hidden_size, kernel_size=patch, stride=patch,
+                                     device=projection.weight.device, dtype=projection.weight.dtype)
+        patch_embeddings.weight.copy_((weight @ matrix).reshape(-1, patch, patch, channels).permute(0, 3, 1, 2))
+        patch_embeddings.bias.copy_(projection.bias.double() + weight @ offset)
+        patch_embeddings.requires_grad_(projection.weight.requires_grad)
+        if config.denoiser_input == "latent":
+            del self.embeddings.latent_embeddings
+        self.embeddings.patch_embeddings = patch_embeddings
+        config.denoiser_input, config.feature_input = "pixels", "clean"
+        self.embeddings.config = config  # the embeddings read denoiser_input from their own reference
         return self
 
 
@@ -878,12 +906,13 @@ class LDAEForPreTraining(LDAEPreTrainedModel):
         config = self.config
         if config.single_noise_level is not None:
             # Single-level ablation: the schedule step nearest to the requested sigma.
-            step = round(config.single_noise_level / config.sigma_max * (config.num_timesteps - 1))
-            return torch.full((batch_size,), min(step, config.num_timesteps - 1), dtype=torch.long, device=device)
+            step = self.ldae.noise_scheduler.timestep_of_sigma(config.single_noise_level)
+            return torch.full((batch_size,), step, dtype=torch.long, device=device)
         return torch.randint(0, config.num_timesteps, (batch_size,), device=device)
 
     def loss(self, targets: torch.Tensor, predicted: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """lambda_t (`loss_weights`) times the squared error per token, mean over tokens and batch, in fp32.
+        """lambda_t (the scheduler's `loss_weight`) times the squared error per token, mean over tokens and batch, in
+        fp32.
 
         For the original-image target (`denoiser_output="pixels"`, l-DAE) the squared error is Eq. 4's:
         sum_i w_i r_i^2 with r = V_full e, e = x0 - prediction, w_i = 1 for the top d components and
@@ -897,44 +926,37 @@ class LDAEForPreTraining(LDAEPreTrainedModel):
                 pca, weight = self.ldae.pca, config.residual_loss_weight
                 latent_error = error @ pca.components[: pca.pca_dim].T
                 per_token = weight * per_token + (1 - weight) * latent_error.square().sum(-1)
-            return (loss_weights(timesteps, config)[:, None] * per_token).mean()
+            return (self.ldae.noise_scheduler.loss_weight(timesteps)[:, None] * per_token).mean()
 
-    def targets(self, pixel_values: torch.Tensor, clean_latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """What the prediction is trained towards, per token: eps, the clean latent z_0, the tokenizer's
-        reconstruction of the clean image (4d: mu + V^T V (x0 - mu) for the PCA) or the original image (l-DAE)."""
+    def targets(self, pixel_values: torch.Tensor, clean_latents: torch.Tensor, noise: torch.Tensor,
+                timesteps: torch.Tensor) -> torch.Tensor:
+        """What the prediction is trained towards, per token: from the clean latent z_0, eps or v (the scheduler's
+        `target`); else the tokenizer's reconstruction of the clean image (4d: mu + V^T V (x0 - mu) for the PCA) or
+        the original image (l-DAE)."""
         config = self.config
-        if config.prediction_type == "epsilon":
-            return noise
         if config.denoiser_output == "latent":
-            return clean_latents
+            return self.ldae.noise_scheduler.target(clean_latents, noise, timesteps)
         if config.denoiser_output == "projected_pixels":
             pixel_values = self.ldae.latent_tokenizer.decode_images(clean_latents, *pixel_values.shape[-2:])
         return patchify(pixel_values, config.patch_size)
 
     def copy_prediction(self, outputs: LDAEForPreTrainingOutput, height: int, width: int) -> torch.Tensor:
         """The prediction of a model that learned nothing but to copy its input, in the target's terms: the noisy
-        image (pixel targets), z_t (latent), or the eps that says "x0 = z_t" (epsilon). A trained model's loss
-        must fall well below this one's (the health monitor)."""
-        config, noisy = self.config, outputs.noisy_latents
-        if config.prediction_type == "epsilon":
-            gamma, sigma = noise_levels(outputs.timesteps, config)
-            return noisy * ((1 - gamma) / sigma)[:, None, None]
-        if config.denoiser_output == "latent":
-            return noisy
-        images = self.ldae.latent_tokenizer.decode_images(noisy, height, width)
-        return patchify(images, config.patch_size)
+        image (image targets), z_t (latent), or the eps / v that says "z_0 = z_t". A trained model's loss must fall
+        well below this one's (the health monitor)."""
+        copy = self.ldae.noise_scheduler.copy_prediction(outputs.noisy_latents, outputs.timesteps)
+        if self.config.denoiser_output == "latent":
+            return copy
+        return patchify(self.ldae.latent_tokenizer.decode_images(copy, height, width), self.config.patch_size)
 
     def denoised_images(self, outputs: LDAEForPreTrainingOutput, height: int, width: int) -> torch.Tensor:
         """The predicted clean images, whatever the target (for pictures): pixels as predicted, latents decoded by
-        the tokenizer, eps turned into z0 = (z_t - sigma_t eps) / gamma_t first."""
+        the tokenizer, eps or v turned into z_0 first."""
         config, predicted = self.config, outputs.logits.float()
         if config.denoiser_output != "latent":
             return unpatchify(predicted, config.patch_size, height, width)
-        if config.prediction_type == "epsilon":
-            gamma, sigma = noise_levels(outputs.timesteps, config)
-            gamma, sigma = gamma.clamp_min(1e-3)[:, None, None], sigma[:, None, None]
-            predicted = (outputs.noisy_latents - sigma * predicted) / gamma
-        return self.ldae.latent_tokenizer.decode_images(predicted, height, width)
+        clean = self.ldae.noise_scheduler.predicted_original(predicted, outputs.noisy_latents, outputs.timesteps)
+        return self.ldae.latent_tokenizer.decode_images(clean, height, width)
 
     @capture_outputs
     def forward(
@@ -971,7 +993,7 @@ class LDAEForPreTraining(LDAEPreTrainedModel):
             noisy_pixel_values = None
             if config.denoiser_input == "pixels":
                 noisy_pixel_values = tokenizer.decode_images(noisy_latents, height, width)
-            targets = self.targets(clean, clean_latents, noise)
+            targets = self.targets(clean, clean_latents, noise, timesteps)
         conditioning = backbone.conditioning(timesteps)
         inputs = noisy_latents if noisy_pixel_values is None else noisy_pixel_values
         hidden_states = backbone.embed(inputs, pixel_values)
@@ -1110,7 +1132,4 @@ __all__ = [
     "LDAEPreTrainedModel",
     "patchify",
     "unpatchify",
-    "timestep_to_sigma",
-    "noise_levels",
-    "loss_weights",
 ]

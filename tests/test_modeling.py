@@ -89,6 +89,65 @@ def test_unknown_preset():
         LDAEConfig.from_preset("ldae-huge")
 
 
+# -- initialisation ------------------------------------------------------------------------------------------------
+
+
+def assert_documented_init(model, head_std=None):
+    """DiT's adaLN-Zero (zero modulations and final layer), its normal(0.02) time MLP, and MAE's classifier head:
+    checked on the values, whatever class `model` is."""
+    base = model.base_model
+    for block in base.blocks:
+        assert not block.adaLN_modulation[-1].weight.any() and not block.adaLN_modulation[-1].bias.any()
+    for linear in (base.time_embedder.mlp[0], base.time_embedder.mlp[2]):
+        assert linear.weight.std().item() == pytest.approx(0.02, rel=0.15) and not linear.bias.any()
+    if isinstance(model, LDAEForPreTraining):
+        final = model.final_layer
+        assert not any(p.any() for p in (final.linear.weight, final.linear.bias, *final.adaLN_modulation.parameters()))
+    if head_std is not None:
+        assert model.classifier.weight.std().item() == pytest.approx(head_std, rel=0.15)
+        assert model.classifier.weight.abs().max().item() < 5 * head_std and not model.classifier.bias.any()
+
+
+HEAD_STD = {"linear_probe": 0.01, "fine_tune": 2e-5}  # MAE's probe and fine-tuning heads
+
+
+@pytest.mark.parametrize("cls", [LDAEModel, LDAEForPreTraining, LDAEForImageClassification, LDAEBackbone])
+def test_every_construction_path_applies_the_documented_init(cls):
+    from transformers import AutoBackbone, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
+
+    auto = {LDAEModel: AutoModel, LDAEForPreTraining: AutoModelForPreTraining, LDAEBackbone: AutoBackbone,
+            LDAEForImageClassification: AutoModelForImageClassification}[cls]
+    for head in HEAD_STD:
+        config = tiny_config(hidden_size=64, classifier_head=head, num_labels=10)
+        for model in (cls(config), auto.from_config(config)):
+            assert type(model) is cls
+            assert_documented_init(model, HEAD_STD[head] if cls is LDAEForImageClassification else None)
+
+
+@pytest.mark.parametrize("head", list(HEAD_STD))
+def test_a_classifier_made_from_a_pretraining_checkpoint_gets_the_documented_head(head, saved_pretraining):
+    model, path = saved_pretraining
+    from transformers import AutoModelForImageClassification
+
+    for classifier in (LDAEForImageClassification.from_pretrained(path, classifier_head=head, num_labels=10),
+                       AutoModelForImageClassification.from_pretrained(path, classifier_head=head, num_labels=10)):
+        assert classifier.classifier.weight.std().item() == pytest.approx(HEAD_STD[head], rel=0.15)
+        assert not classifier.classifier.bias.any()
+        # the loaded backbone is the checkpoint's, untouched by the init
+        for name, value in classifier.ldae.state_dict().items():
+            torch.testing.assert_close(value, model.ldae.state_dict()[name], rtol=0, atol=0, msg=name)
+
+
+def test_xavier_adaln_init_reproduces_the_init_of_ldae_0_1():
+    zero, xavier = (LDAEForPreTraining(tiny_config(hidden_size=64, adaln_init=init)) for init in ("zero", "xavier"))
+    modulation = xavier.ldae.blocks[0].adaLN_modulation[-1].weight
+    bound = math.sqrt(6 / sum(modulation.shape))
+    assert modulation.abs().max().item() == pytest.approx(bound, rel=0.05) and modulation.abs().max() <= bound
+    assert xavier.final_layer.linear.weight.abs().max().item() > 0.05
+    assert xavier.ldae.time_embedder.mlp[0].weight.std().item() > 0.05
+    assert not zero.ldae.blocks[0].adaLN_modulation[-1].weight.any()
+
+
 # -- PCA tokenizer -------------------------------------------------------------------------------------------------
 
 
@@ -498,9 +557,14 @@ def test_trust_remote_code_without_the_package_or_timm(images, saved_pretraining
         encoder = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True).eval()
         assert type(encoder).__module__.startswith("transformers_modules"), type(encoder).__module__
         AutoModelForPreTraining.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
-        AutoModelForImageClassification.from_pretrained({str(checkpoint)!r}, trust_remote_code=True, num_labels=3)
+        # The documented init under remote code too: MAE's fine-tuning head, DiT's adaLN-Zero on a fresh model.
+        classifier = AutoModelForImageClassification.from_pretrained({str(checkpoint)!r}, trust_remote_code=True,
+                                                                     num_labels=3)
+        assert 1e-5 < classifier.classifier.weight.std().item() < 4e-5, classifier.classifier.weight.std()
         # AutoBackbone.from_pretrained takes Hub names only (transformers 5.24): the class from auto_map, then its weights.
         config = AutoConfig.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+        fresh = AutoModelForPreTraining.from_config(config, trust_remote_code=True)
+        assert not fresh.final_layer.linear.weight.any() and not fresh.ldae.blocks[0].adaLN_modulation[-1].weight.any()
         backbone_class = type(AutoBackbone.from_config(config, trust_remote_code=True))
         backbone = backbone_class.from_pretrained({str(checkpoint)!r}, out_indices=[0, 2]).eval()
         images = torch.load({str(tmp_path / "images.pt")!r})
