@@ -157,8 +157,9 @@ def check_configs(jobs: list[StudyJob]) -> None:
         overrides = {**study.STUDY_MODEL, "pca_dim": DIM, **FIXED_INIT, **job.arm.overrides}
         unknown = sorted(set(overrides) - set(CONFIG_DEFAULTS))
         if unknown:
-            raise SystemExit(f"{job.name}: LDAEConfig has no {', '.join(unknown)}: this checkout predates issue 19's "
-                             "config keys (adaln_init, prediction_type / sigma_min / loss_weighting options); update it.")
+            raise SystemExit(f"{job.name}: LDAEConfig has no {', '.join(unknown)} (a typo in the study, or a checkout "
+                             "older than issue 19's keys adaln_init / sigma_min / loss_weighting): fix the key or update "
+                             "the checkout.")
         try:
             LDAEConfig.from_preset("ldae-tiny", journey_stage=job.arm.stage, **overrides)
         except ValueError as error:

@@ -70,7 +70,10 @@ def test_every_config_is_valid_before_anything_runs():
     attribution.check_configs(jobs())  # issue 19's keys exist and every combination passes LDAEConfig's checks
     bad = jobs()[:1]
     bad[0].arm = attribution.Arm("typo", 0, "4e", {"los_weighting": "snr"})
-    with pytest.raises(SystemExit, match="typo: LDAEConfig has no los_weighting"):
+    with pytest.raises(SystemExit, match="3-patch-pca-seed0: LDAEConfig has no los_weighting"):
+        attribution.check_configs(bad)
+    bad[0].arm = attribution.Arm("4e-eps", 2, "4e", {"denoiser_output": "latent", "prediction_type": "epsilon"})
+    with pytest.raises(SystemExit, match="3-patch-pca-seed0: .*sigma_min"):  # epsilon under linear_sigma needs it
         attribution.check_configs(bad)
 
 
