@@ -41,7 +41,7 @@ from cifar10_journey import (
     summary,
     write_keeping_reading,
 )
-from reproduce_cifar10 import REPO, Study, Variant, health_table, ldae_encoder
+from reproduce_cifar10 import Study, Variant, health_table, ldae_encoder
 
 from modeling_ldae import JOURNEY_STAGES, LDAEConfig
 
