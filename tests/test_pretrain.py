@@ -248,7 +248,8 @@ def test_vit_mae_baseline_trains_through_the_same_loop(tmp_path, parquet_dir):
 
 
 @pytest.mark.parametrize("case", ["preset", "image_column", "no_images", "resume_missing", "resume_other_config",
-                                  "output_dir_taken", "tokenizer_from_missing", "save_total_limit", "hub_model_id"])
+                                  "output_dir_taken", "tokenizer_from_missing", "save_total_limit", "hub_model_id",
+                                  "unknown_config_key"])
 def test_bad_input_fails_before_any_work(case, tmp_path, parquet_dir, trained_run, capsys):
     out = tmp_path / "out"
     base = [*TINY, "--train_dir", parquet_dir, "--max_steps", 4, "--output_dir", out]
@@ -266,6 +267,8 @@ def test_bad_input_fails_before_any_work(case, tmp_path, parquet_dir, trained_ru
                                    f"--tokenizer_from {tmp_path / 'no_model'}: neither a tokenizer folder"),
         "save_total_limit": ([*base, "--save_total_limit", 0], "--save_total_limit 0 would delete the checkpoint"),
         "hub_model_id": ([*base, "--push_to_hub", "--hub_model_id", "me/two words"], "not a valid Hub repository id"),
+        "unknown_config_key": ([*base, "--config_overrides", "pca_dim=8,loss_weigthing=snr"],
+                               "LDAEConfig has no key 'loss_weigthing' (did you mean 'loss_weighting'?)"),
     }[case]
     with pytest.raises(SystemExit) as failure:
         run(argv)
