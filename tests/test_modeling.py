@@ -458,6 +458,26 @@ def test_merged_equals_unmerged_and_is_a_plain_vit(images, saved_pretraining, tm
     torch.testing.assert_close(reloaded(images).logits, classifier(images).logits, rtol=0, atol=0)
 
 
+def test_merging_leaves_the_shared_config_and_every_other_model_as_they_were(pca, tmp_path):
+    # Models built from one config share the object: merging one must not reach the others or the caller's.
+    config = tiny_config(num_labels=3)
+    encoder, pretraining, classifier = LDAEModel(config), LDAEForPreTraining(config), LDAEForImageClassification(config)
+    encoder.merge_time_conditioning()
+    classifier.merge_time_conditioning(timestep=20)
+    assert not config.time_conditioning_merged and config.merged_timestep is None
+    pretraining.set_pca(*pca)
+    pretraining.save_pretrained(tmp_path / "pretraining")
+    LDAEForPreTraining.from_pretrained(tmp_path / "pretraining")  # loads: its config was never merged
+    for model, timestep in ((encoder, 10), (classifier, 20)):
+        assert model.config is not config and model.config.merged_timestep == timestep
+        holders = [module for module in model.modules() if hasattr(module, "config")]
+        assert len(holders) > 3 and all(module.config is model.config for module in holders)
+    # A refused merge changes nothing.
+    with pytest.raises(ValueError, match="also holds the decoder"):
+        pretraining.merge_time_conditioning()
+    assert pretraining.config is config
+
+
 def test_vit_base_merged_parameter_count():
     with torch.device("meta"):
         model = LDAEModel(LDAEConfig.from_preset("ldae-vit-base"))
