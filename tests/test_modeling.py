@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -343,12 +344,16 @@ def test_own_mlp_and_drop_path_equal_timm_layers():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(images, pca):
+    from modeling_ldae.pretraining import enable_activation_checkpointing
+
     timesteps, noise = torch.randint(0, 1000, (8,)), torch.randn(8, 16, 8)
     gradients = []
     for checkpointing in (False, True):
         model = pretraining_model(pca).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no deprecated name on any supported transformers (5.25 warns)
+                enable_activation_checkpointing(model)
             assert model.ldae.blocks[0].gradient_checkpointing
         model(images, timesteps=timesteps, noise=noise).loss.backward()
         gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
