@@ -366,11 +366,13 @@ class LDAEEmbeddings(nn.Module):
             embeddings = self.patch_embeddings(inputs.to(self.patch_embeddings.weight.dtype))
             grid_h, grid_w = embeddings.shape[-2:]
             embeddings = embeddings.flatten(2).transpose(1, 2)
-        if (grid_h, grid_w) == (grid, grid):
-            positions = self.position_embeddings.to(embeddings.dtype)
-        else:
-            # Sin-cos positions are a function of the grid: recompute them exactly instead of interpolating.
+        # Sin-cos positions are a function of the grid: recompute them exactly instead of interpolating. Also always
+        # while tracing (torch.export, torch.compile): comparing the grid with the cached table's would pin the graph
+        # to one image size.
+        if torch.compiler.is_compiling() or (grid_h, grid_w) != (grid, grid):
             positions = sincos_position_embeddings(self.config.hidden_size, grid_h, grid_w).to(embeddings)
+        else:
+            positions = self.position_embeddings.to(embeddings.dtype)
         return embeddings + positions
 
 

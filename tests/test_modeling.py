@@ -508,7 +508,7 @@ def test_auto_classes_with_the_package(saved_pretraining):
                              "AutoBackbone"}
 
 
-def test_trust_remote_code_without_the_package_or_timm(images, saved_pretraining, tmp_path):
+def test_trust_remote_code_needs_only_torch_and_transformers(images, saved_pretraining, tmp_path):
     model, path = saved_pretraining
     checkpoint = shutil.copytree(path, tmp_path / "checkpoint")
     expected = LDAEModel.from_pretrained(path).eval()(images[:2]).pooler_output
@@ -516,7 +516,10 @@ def test_trust_remote_code_without_the_package_or_timm(images, saved_pretraining
     torch.save(images[:2], tmp_path / "images.pt")
     script = textwrap.dedent(f"""
         import sys
-        sys.modules["modeling_ldae"] = sys.modules["timm"] = None  # neither is importable in this process
+        blocked = ("modeling_ldae", "timm", "PIL", "diffusers", "torchvision")
+        for name in blocked:
+            sys.modules[name] = None  # none is importable in this process
+        import logging
         import torch
         from transformers import (AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification,
                                   AutoModelForPreTraining)
@@ -530,12 +533,24 @@ def test_trust_remote_code_without_the_package_or_timm(images, saved_pretraining
         backbone = backbone_class.from_pretrained({str(checkpoint)!r}, out_indices=[0, 2]).eval()
         images = torch.load({str(tmp_path / "images.pt")!r})
         torch.save((encoder(images).pooler_output, backbone(images).feature_maps), {str(tmp_path / "out.pt")!r})
-        assert "timm" not in {{name.split(".")[0] for name, module in sys.modules.items() if module is not None}}
+        # Saving without Pillow writes the model and skips the image processor, with one warning.
+        warnings = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = warnings.append
+        logging.getLogger("transformers_modules").addHandler(handler)
+        encoder.save_pretrained({str(tmp_path / "saved")!r})
+        assert [record.getMessage() for record in warnings if "Pillow" in record.getMessage()] == [
+            f"Pillow is not installed: {str(tmp_path / "saved")} holds the model without its image processor "
+            "(`pip install pillow` to save one)."], [record.getMessage() for record in warnings]
+        imported = {{name.split(".")[0] for name, module in sys.modules.items() if module is not None}}
+        assert not imported & set(blocked), imported & set(blocked)
     """)
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     pooled, maps = torch.load(tmp_path / "out.pt")
+    assert {"config.json", "model.safetensors", "modeling_ldae.py"} <= {p.name for p in (tmp_path / "saved").iterdir()}
+    assert not (tmp_path / "saved" / "preprocessor_config.json").exists()
     torch.testing.assert_close(pooled, expected)
     for got, want in zip(maps, expected_maps, strict=True):
         torch.testing.assert_close(got, want)
