@@ -77,9 +77,6 @@ class ModelArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Where to store downloaded checkpoints."})
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub checkpoint."})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the cached login)."})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run the checkpoint's own code (l-DAE checkpoints whose code is on the Hub)."}
-    )
     ignore_mismatched_sizes: bool = field(
         default=False, metadata={"help": "Re-initialise a classifier checkpoint's head when its class count differs."}
     )
@@ -291,8 +288,9 @@ def load_classifier(
     if hub.hub_id(path) is None and not Path(path).expanduser().is_dir():
         raise InputError(f"--model_name_or_path {path!r} is not a checkpoint folder (nor a Hub id): pass the folder "
                          "that run_pretrain.py or a Trainer script wrote, or a Hub id.")
-    hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision,
-                  "token": model_args.token, "trust_remote_code": model_args.trust_remote_code}
+    # No --trust_remote_code: the scripts run the installed l-DAE classes, which transformers' Auto classes prefer
+    # to a checkpoint's own code anyway (a registered class wins), so the flag could change nothing.
+    hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
     with _checkpoint_errors(path):
         config = AutoConfig.from_pretrained(path, **hub_kwargs)
     if config.model_type != "ldae":
