@@ -1,5 +1,5 @@
 """Linear probing and fine-tuning of l-DAE checkpoints on the `transformers` Trainer (the MAE evaluation protocols,
-`ldae-method.md` section 7): what `run_linear_probe.py` and `run_finetune.py` share beyond the package's common
+`docs/method.md`, "Recipes"): what `run_linear_probe.py` and `run_finetune.py` share beyond the package's common
 plumbing (`cli`, `data`, `optim`, `hub`, `features`).
 
 Data flow: `data.load_labelled_splits` (raw rows: undecoded image + class id, checked) -> the Trainer splits the rows
@@ -413,7 +413,7 @@ def linear_probe_on_features(
     **probe_arguments,
 ) -> dict[str, float]:
     """The `--cache_features` linear probe (MAE protocol defaults of `LinearProbeTrainingArguments`: BatchNorm +
-    Linear, LARS, base lr 0.1, 10 + 80 epochs) on features from any encoder, so encoders that are not l-DAE models
+    Linear, LARS, base lr 0.1, 90 epochs, 10 of them warm-up) on features from any encoder, so encoders that are not l-DAE models
     (raw pixels, ViTMAE, random networks) are judged by the same probe. `probe_arguments` override
     `LinearProbeTrainingArguments` fields (e.g. `num_train_epochs`, `per_device_train_batch_size`, `seed`).
     Returns top-1 / top-5 on the evaluation features and top-1 on the training features, as fractions."""
