@@ -26,7 +26,6 @@ from transformers import ConvNextImageProcessor, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
-from transformers.image_utils import PILImageResampling
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BackboneOutput,
@@ -35,11 +34,13 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
-from transformers.utils import IMAGE_PROCESSOR_NAME, ModelOutput, TransformersKwargs
+from transformers.utils import IMAGE_PROCESSOR_NAME, ModelOutput, TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ldae import LDAEConfig
+
+logger = logging.get_logger(__name__)
 
 
 def _value_checks_enabled() -> bool:
@@ -366,13 +367,11 @@ class LDAEEmbeddings(nn.Module):
             embeddings = self.patch_embeddings(inputs.to(self.patch_embeddings.weight.dtype))
             grid_h, grid_w = embeddings.shape[-2:]
             embeddings = embeddings.flatten(2).transpose(1, 2)
-        # Sin-cos positions are a function of the grid: recompute them exactly instead of interpolating. Also always
-        # while tracing (torch.export, torch.compile): comparing the grid with the cached table's would pin the graph
-        # to one image size.
-        if torch.compiler.is_compiling() or (grid_h, grid_w) != (grid, grid):
-            positions = sincos_position_embeddings(self.config.hidden_size, grid_h, grid_w).to(embeddings)
-        else:
+        if (grid_h, grid_w) == (grid, grid):
             positions = self.position_embeddings.to(embeddings.dtype)
+        else:
+            # Sin-cos positions are a function of the grid: recompute them exactly instead of interpolating.
+            positions = sincos_position_embeddings(self.config.hidden_size, grid_h, grid_w).to(embeddings)
         return embeddings + positions
 
 
@@ -508,7 +507,10 @@ class LDAEFinalLayer(nn.Module):
 
 def make_image_processor(image_size: int, crop_pct: float = 0.875) -> ConvNextImageProcessor:
     """The evaluation transform saved with every checkpoint: short side to image_size / crop_pct, center crop,
-    bicubic, pixels to [-1, 1] (`modeling_ldae.data.eval_transform` reproduces it for training scripts)."""
+    bicubic, pixels to [-1, 1] (`modeling_ldae.data.eval_transform` reproduces it for training scripts). Needs Pillow,
+    imported here: the model itself, also as remote code, needs only torch and transformers."""
+    from transformers.image_utils import PILImageResampling
+
     return ConvNextImageProcessor(
         size={"shortest_edge": image_size},
         crop_pct=crop_pct,
@@ -648,7 +650,13 @@ class LDAEPreTrainedModel(PreTrainedModel):
         # A checkpoint is usable by AutoImageProcessor and the pipelines on its own: add the evaluation processor
         # unless the caller saved one (the scripts do, to the same effect).
         if kwargs.get("is_main_process", True) and not (Path(save_directory) / IMAGE_PROCESSOR_NAME).exists():
-            make_image_processor(self.config.image_size).save_pretrained(save_directory)
+            try:
+                processor = make_image_processor(self.config.image_size)
+            except ImportError:  # no Pillow: the model is saved, only the processor is left out
+                logger.warning(f"Pillow is not installed: {save_directory} holds the model without its image "
+                               "processor (`pip install pillow` to save one).")
+            else:
+                processor.save_pretrained(save_directory)
         return result
 
     @classmethod
