@@ -44,6 +44,7 @@ def as_maps(hidden_states, height, width):
 # -- the backbone ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.floor
 def test_feature_maps_are_the_encoder_hidden_states_at_any_size(checkpoint, images, tmp_path):
     backbone = LDAEBackbone.from_pretrained(checkpoint, out_indices=[0, 1, 2]).eval()
     encoder = LDAEModel.from_pretrained(checkpoint).eval()
@@ -70,6 +71,7 @@ def test_feature_maps_are_the_encoder_hidden_states_at_any_size(checkpoint, imag
     torch.testing.assert_close(reloaded(wide).feature_maps[2], backbone(wide).feature_maps[2], rtol=0, atol=0)
 
 
+@pytest.mark.floor
 def test_backbone_outputs_and_auto_class(checkpoint, images):
     backbone = LDAEBackbone.from_pretrained(checkpoint, out_features=["stage1"]).eval()
     outputs = backbone(images, output_hidden_states=True, output_attentions=True)
@@ -168,6 +170,7 @@ def test_eager_sdpa_and_flex_attention_agree(checkpoint, images):
     assert loaded.config._attn_implementation == "eager" and len(loaded(images).attentions) == 2
 
 
+@pytest.mark.floor
 def test_backbone_leaves_the_callers_config_as_it_was():
     config = tiny_config()
     backbone = LDAEBackbone(config)
@@ -187,6 +190,7 @@ def every_class():
 
 @pytest.mark.parametrize("model_class, config", every_class(),
                          ids=["model", "pretraining", "fine-tune", "linear-probe", "backbone", "pyramid"])
+@pytest.mark.floor
 def test_common_model_checks(model_class, config, images, tmp_path):
     # Buffers: a model built with initialisation skipped holds what meta-device construction + init_weights gives.
     with no_init_weights():
@@ -235,6 +239,7 @@ TOKENIZER_CONFIGS = {  # one tiny config per tokenizer type, each at a journey s
 
 
 @pytest.mark.parametrize("tokenizer_type", TOKENIZER_TYPES)
+@pytest.mark.floor
 def test_keep_in_fp32_modules_exist(tokenizer_type):
     # transformers' common test of the same name: every declared name matches a module of the state dict.
     config = tiny_config(**TOKENIZER_CONFIGS[tokenizer_type])

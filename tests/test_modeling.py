@@ -210,6 +210,7 @@ def test_single_noise_level(images, pca):
     assert math.isclose(math.sqrt(2) * timesteps[0].item() / 999, math.sqrt(1 / 3), rel_tol=2e-3)
 
 
+@pytest.mark.floor
 def test_bf16_keeps_the_pca_exact(images, pca, tmp_path):
     model = pretraining_model(pca)
     reference = model.ldae.pca.components.clone()
@@ -343,6 +344,7 @@ def test_own_mlp_and_drop_path_equal_timm_layers():
     assert torch.equal(LDAEDropPath(0.3).eval()(x), x)
 
 
+@pytest.mark.floor
 def test_gradient_checkpointing_gives_the_same_gradients(images, pca):
     from modeling_ldae.pretraining import enable_activation_checkpointing
 
@@ -384,6 +386,7 @@ def saved_pretraining(pca, tmp_path_factory):
     return model, path
 
 
+@pytest.mark.floor
 def test_save_load_equality_for_all_classes(images, saved_pretraining, tmp_path):
     model, path = saved_pretraining
     timesteps, noise = torch.randint(0, 1000, (8,)), torch.randn(8, 16, 8)
@@ -399,6 +402,7 @@ def test_save_load_equality_for_all_classes(images, saved_pretraining, tmp_path)
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
+@pytest.mark.floor
 def test_pretraining_checkpoint_loads_into_every_class(images, saved_pretraining):
     model, path = saved_pretraining
     reference = model.ldae.state_dict()
@@ -445,6 +449,7 @@ def test_missing_backbone_keys_fail_to_load(saved_pretraining, tmp_path):
         LDAEForImageClassification.from_pretrained(tmp_path / "no_pca")
 
 
+@pytest.mark.floor
 def test_merged_equals_unmerged_and_is_a_plain_vit(images, saved_pretraining, tmp_path):
     _, path = saved_pretraining
     classifier = LDAEForImageClassification.from_pretrained(path, num_labels=4).eval()
@@ -463,6 +468,7 @@ def test_merged_equals_unmerged_and_is_a_plain_vit(images, saved_pretraining, tm
     torch.testing.assert_close(reloaded(images).logits, classifier(images).logits, rtol=0, atol=0)
 
 
+@pytest.mark.floor
 def test_merging_leaves_the_shared_config_and_every_other_model_as_they_were(pca, tmp_path):
     # Models built from one config share the object: merging one must not reach the others or the caller's.
     config = tiny_config(num_labels=3)
@@ -495,6 +501,7 @@ def test_vit_base_merged_parameter_count():
 # -- Auto classes, remote code, pipelines --------------------------------------------------------------------------
 
 
+@pytest.mark.floor
 def test_auto_classes_with_the_package(saved_pretraining):
     from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
 
@@ -508,6 +515,7 @@ def test_auto_classes_with_the_package(saved_pretraining):
                              "AutoBackbone"}
 
 
+@pytest.mark.floor
 def test_trust_remote_code_needs_only_torch_and_transformers(images, saved_pretraining, tmp_path):
     model, path = saved_pretraining
     checkpoint = shutil.copytree(path, tmp_path / "checkpoint")
@@ -527,7 +535,7 @@ def test_trust_remote_code_needs_only_torch_and_transformers(images, saved_pretr
         assert type(encoder).__module__.startswith("transformers_modules"), type(encoder).__module__
         AutoModelForPreTraining.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
         AutoModelForImageClassification.from_pretrained({str(checkpoint)!r}, trust_remote_code=True, num_labels=3)
-        # AutoBackbone.from_pretrained takes Hub names only (transformers 5.24): the class from auto_map, then its weights.
+        # AutoBackbone.from_pretrained takes Hub names only (every supported release): the class from auto_map, then its weights.
         config = AutoConfig.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
         backbone_class = type(AutoBackbone.from_config(config, trust_remote_code=True))
         backbone = backbone_class.from_pretrained({str(checkpoint)!r}, out_indices=[0, 2]).eval()
