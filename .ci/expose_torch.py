@@ -9,7 +9,7 @@ Usage: python expose_torch.py TARGET
 """
 
 import sys
-from importlib.metadata import distribution
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -20,7 +20,10 @@ def closure(names):
     seen, pending = {}, [(name, "") for name in names]
     while pending:
         name, extra = pending.pop()
-        dist = distribution(name)
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:  # an optional requirement this environment goes without: so does the other
+            continue
         key = (dist.metadata["Name"].lower().replace("_", "-"), extra)
         if key in seen:
             continue
