@@ -58,7 +58,7 @@ TOKENIZER_SAVE_STEPS = 200
 # (conv VAE, which encodes every batch) in the same measurement; the study's 3,099 steps took 10 min with data.
 MINUTES = {"pca": 10.0, "patch_ae": 10.0, "patch_vae": 10.0, "conv_vae": 12.5,
            "tokenizer-conv_vae": 40.0, "tokenizer-patch_vae": 7.0, "tokenizer-patch_ae": 7.0, "probe": 1.0}
-# Paper (ImageNet, DiT-L encoder, linear probe top-1; ldae-method.md Sec. 9). Its 2c / 2d use a d = 16 conv latent
+# Paper (ImageNet, DiT-L encoder, linear probe top-1; docs/journey.md). Its 2c / 2d use a d = 16 conv latent
 # (32 x 32 x 4 in 2 x 2 patches), its stage 3 on the patch PCA at d = 32, both of D = 768.
 PAPER_SEQUENCE = {"2c": 59.0, "2d": 63.4, "3-patch-pca": 65.1, "4a": 62.4, "4b": 63.6, "4c": 63.6, "4d": 63.9,
                   "4e": 64.5}

@@ -6,7 +6,7 @@ from transformers import PretrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
 FEATURE_INPUTS = ("clean", "pca", "noisy")
-# The deconstructive journey (ldae-method.md Sec. 9): each stage is a choice of these four, l-DAE the defaults.
+# The deconstructive journey (docs/journey.md): each stage is a choice of these four, l-DAE the defaults.
 TOKENIZER_TYPES = ("pca", "identity", "patch_ae", "patch_vae", "conv_vae")
 ORTHONORMAL_TOKENIZERS = ("pca", "identity")  # a full orthonormal basis: Eq. 4's residual and the PCA feature inputs
 NOISE_SCHEDULES = ("linear_sigma", "linear_beta", "linear_gamma_squared")
@@ -17,7 +17,7 @@ DENOISER_OUTPUTS = ("pixels", "projected_pixels", "latent")
 CLASSIFIER_HEADS = ("linear_probe", "fine_tune")
 ADALN_INITS = ("zero", "xavier")
 
-# Paper sizes (Sec. 4 of ldae-method.md): 256 px, patch 16, d = 32, decoder equal to the encoder.
+# Paper sizes (docs/method.md, "Network"): 256 px, patch 16, d = 32, decoder equal to the encoder.
 PRESETS = {
     "ldae-vit-base": dict(hidden_size=768, num_hidden_layers=12, decoder_num_hidden_layers=12, num_attention_heads=12),
     "ldae-vit-half-large": dict(
@@ -37,7 +37,7 @@ PRESETS = {
     ),
 }
 
-# Every stage of the journey from DiT to l-DAE (talk labels; ldae-method.md Sec. 9), as config values on top of a
+# Every stage of the journey from DiT to l-DAE (talk labels; docs/journey.md), as config values on top of a
 # size preset. Stage 3 is the tokenizer table, run at several `pca_dim`; "3-conv-vae" is stage 2d itself.
 _LATENT_EPSILON = dict(noise_schedule="linear_gamma_squared", prediction_type="epsilon", denoiser_input="latent",
                        denoiser_output="latent")

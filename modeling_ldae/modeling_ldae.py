@@ -14,6 +14,7 @@ layers timm would give (MLP, drop path) are written here, as transformers' singl
 exception, diffusers' `AutoencoderKL` for the conv-VAE tokenizer, is imported only when such a model is built.
 """
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,6 @@ from transformers import ConvNextImageProcessor, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
-from transformers.image_utils import PILImageResampling
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BackboneOutput,
@@ -34,12 +34,14 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
-from transformers.utils import IMAGE_PROCESSOR_NAME, ModelOutput, TransformersKwargs
+from transformers.utils import IMAGE_PROCESSOR_NAME, ModelOutput, TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ldae import LDAEConfig
 from .scheduling_ldae import LDAENoiseScheduler
+
+logger = logging.get_logger(__name__)
 
 
 def _value_checks_enabled() -> bool:
@@ -472,7 +474,10 @@ class LDAEFinalLayer(nn.Module):
 
 def make_image_processor(image_size: int, crop_pct: float = 0.875) -> ConvNextImageProcessor:
     """The evaluation transform saved with every checkpoint: short side to image_size / crop_pct, center crop,
-    bicubic, pixels to [-1, 1] (`modeling_ldae.data.eval_transform` reproduces it for training scripts)."""
+    bicubic, pixels to [-1, 1] (`modeling_ldae.data.eval_transform` reproduces it for training scripts). Needs Pillow,
+    imported here: the model itself, also as remote code, needs only torch and transformers."""
+    from transformers.image_utils import PILImageResampling
+
     return ConvNextImageProcessor(
         size={"shortest_edge": image_size},
         crop_pct=crop_pct,
@@ -520,7 +525,7 @@ class LDAEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _no_split_modules = ["LDAEBlock"]
-    _keep_in_fp32_modules_strict = ["pca", "tokenizer"]
+    # `_keep_in_fp32_modules_strict` is declared per instance by `LDAEModel`: only the tokenizer it holds.
     # Hidden states = the embeddings, then every block's output; attentions = each block's weights.
     _can_record_outputs = {"hidden_states": LDAEBlock, "attentions": LDAEAttention}
 
@@ -591,7 +596,17 @@ class LDAEPreTrainedModel(PreTrainedModel):
     def merge_time_conditioning(self, timestep: int | None = None):
         """See `LDAEModel.merge_time_conditioning`; the fine-tuning and export form of the encoder."""
         self.base_model.merge_time_conditioning(timestep)
+        self._replace_config(self.base_model.config)  # the copy the encoder merged on, for the head too
         return self
+
+    def _replace_config(self, config: LDAEConfig):
+        """Give this model and every submodule that shares its config `config` instead. Models built from one
+        config share the object: one that changes its config (merging) first takes a copy, so that the caller's
+        config and every other model built from it stay as they were."""
+        shared = self.config
+        for module in self.modules():
+            if getattr(module, "config", None) is shared:
+                module.config = config
 
     def set_pca(self, mean: torch.Tensor, components: torch.Tensor, eigenvalues: torch.Tensor):
         """Install a fitted PCA tokenizer (from `fit_patch_pca`): mean (D,), components (D, D) as orthonormal rows
@@ -615,7 +630,13 @@ class LDAEPreTrainedModel(PreTrainedModel):
         # A checkpoint is usable by AutoImageProcessor and the pipelines on its own: add the evaluation processor
         # unless the caller saved one (the scripts do, to the same effect).
         if kwargs.get("is_main_process", True) and not (Path(save_directory) / IMAGE_PROCESSOR_NAME).exists():
-            make_image_processor(self.config.image_size).save_pretrained(save_directory)
+            try:
+                processor = make_image_processor(self.config.image_size)
+            except ImportError:  # no Pillow: the model is saved, only the processor is left out
+                logger.warning(f"Pillow is not installed: {save_directory} holds the model without its image "
+                               "processor (`pip install pillow` to save one).")
+            else:
+                processor.save_pretrained(save_directory)
         return result
 
     @classmethod
@@ -660,8 +681,10 @@ class LDAEModel(LDAEPreTrainedModel):
         # `ldae.tokenizer.*`, frozen: never in an optimizer, a layer-decay group or a parameter count.
         if config.tokenizer_type in ("pca", "identity"):
             self.pca = make_tokenizer(config)
+            self._keep_in_fp32_modules_strict = ["pca"]
         else:
             self.tokenizer = make_tokenizer(config).requires_grad_(False)
+            self._keep_in_fp32_modules_strict = ["tokenizer"]
         self.noise_scheduler = LDAENoiseScheduler.from_config(config)
         self.embeddings = LDAEEmbeddings(config)
         self.time_embedder = None if config.time_conditioning_merged else LDAETimestepEmbedder(config)
@@ -823,6 +846,8 @@ class LDAEModel(LDAEPreTrainedModel):
         if len(self.blocks) > config.num_hidden_layers:
             raise ValueError("merge_time_conditioning() applies to the encoder; this model also holds the decoder "
                              "(LDAEForPreTraining). Load the checkpoint with LDAEModel or a classifier first.")
+        self._replace_config(copy.deepcopy(config))
+        config = self.config
         timestep = config.feature_timestep if timestep is None else timestep
         device = self.embeddings.projection.weight.device
         conditioning = self.time_embedder(self.resolve_timesteps(timestep, 1, device)).float()[0]
@@ -1078,9 +1103,10 @@ class LDAEBackbone(BackboneMixin, LDAEPreTrainedModel):
     With `config.feature_pyramid_strides`, the last selected map becomes one map per stride instead."""
 
     def __init__(self, config: LDAEConfig):
-        super().__init__(config)
         if config.out_features is None:
+            config = copy.deepcopy(config)  # the default selection, without changing the caller's config
             config.out_indices = [-1]
+        super().__init__(config)
         self.num_features = [config.hidden_size] * len(self.stage_names)
         self.ldae = LDAEModel(config)
         self._keys_to_ignore_on_load_unexpected = self.ldae._keys_to_ignore_on_load_unexpected
@@ -1110,6 +1136,9 @@ class LDAEBackbone(BackboneMixin, LDAEPreTrainedModel):
         Returns `feature_maps`, one (batch, hidden_size, height / p, width / p) map per selected stage (or per
         pyramid stride), `hidden_states` if asked for, `attentions` if asked for.
         """
+        # The maps are hidden states: asked for here, not left to `filter_output_hidden_states` (which forces them
+        # from transformers 5.12 on only); it drops them from the output unless the caller asked.
+        kwargs["output_hidden_states"] = True
         outputs = self.ldae(pixel_values, timesteps=timesteps, interpolate_pos_encoding=True, **kwargs)
         grid = [size // self.config.patch_size for size in pixel_values.shape[-2:]]
         feature_maps = tuple(

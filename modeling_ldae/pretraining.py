@@ -140,6 +140,15 @@ def build_model(model_args) -> torch.nn.Module:
     return model
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each block's activations in the backward pass (`--gradient_checkpointing`): transformers' current
+    name where it has it (5.25 deprecates `gradient_checkpointing_enable`), the old one on releases without it."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_enable()
+
+
 def square_image_size(model) -> int:
     size = getattr(model.config, "image_size", None)
     if not isinstance(size, int):

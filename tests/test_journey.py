@@ -81,6 +81,7 @@ def test_variance_preserving_schedules_keep_unit_variance_and_their_end_points(s
         assert gamma[0].square().item() == pytest.approx(1 - 1e-4) and gamma[-1].square().item() < 1e-4
 
 
+@pytest.mark.floor
 def test_linear_beta_equals_ddpm_alphas_cumprod():
     diffusers = pytest.importorskip("diffusers")
     config = LDAEConfig(**TINY, noise_schedule="linear_beta")

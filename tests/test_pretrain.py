@@ -105,6 +105,7 @@ def trained_run(tmp_path_factory, parquet_dir):
     return output_dir, progress, calls
 
 
+@pytest.mark.floor
 def test_end_to_end_output_loads_with_fitted_pca_and_health_signals(trained_run, parquet_dir):
     output_dir, progress, _ = trained_run
     assert progress.step == 24
