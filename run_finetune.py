@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""End-to-end fine-tuning of an l-DAE checkpoint (MAE protocol, ldae-method.md section 7) on the `transformers` Trainer.
+"""End-to-end fine-tuning of an l-DAE checkpoint (MAE protocol, docs/method.md "Recipes") on the `transformers` Trainer.
 
     python run_finetune.py --model_name_or_path path/or/hub-id --dataset_name ILSVRC/imagenet-1k \
         --output_dir finetune --do_train --do_eval --per_device_train_batch_size 128

@@ -33,6 +33,7 @@ from modeling_ldae.optim import adamw_param_groups, schedule_lengths
 from modeling_ldae.pretraining import (
     DEFAULT_DATASET,
     build_model,
+    enable_activation_checkpointing,
     first_rows,
     fit_pca,
     make_train_loader,
@@ -351,7 +352,7 @@ def pretrain(model_args, data_args, args, hooks=()) -> monitors.LoopState | None
 
     # Stage 2: denoising.
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     optimizer = torch.optim.AdamW(adamw_param_groups(model, args.weight_decay), lr=learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                                   fused=torch.cuda.is_available() or None)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import run_pretrain  # noqa: E402
 from modeling_ldae import LDAEConfig, LDAEForPreTraining  # noqa: E402
+from modeling_ldae.pretraining import enable_activation_checkpointing  # noqa: E402
 from modeling_ldae.data import decode_image, pretrain_transform  # noqa: E402
 from modeling_ldae.monitors import read_metrics  # noqa: E402
 
@@ -82,7 +83,7 @@ def _model(preset: str, gradient_checkpointing: bool = False) -> LDAEForPreTrain
     dim = config.patch_dim  # a valid fitted PCA; its values do not change the cost
     model.set_pca(torch.zeros(dim), torch.eye(dim), torch.linspace(1, 0.01, dim))
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     return model.to(_device()).train()
 
 

@@ -33,9 +33,9 @@ from reproduce_cifar10 import REPO, Study, Variant, ldae_encoder, mae_encoder, r
 EPOCH_STEPS = math.ceil(50_000 / study.BATCH_SIZE)  # optimizer steps per CIFAR-10 epoch
 CHECKPOINT_STEPS = round(EPOCH_STEPS / 2)  # a checkpoint every half epoch
 CURVE_POINTS = (1, 2, 4, 8, 16)  # in half epochs: 0.5, 1, 2, 4, 8 epochs
-VARIANTS = (Variant("ldae-d8", "ldae", {"pca_dim": study.DEFAULT_PCA_DIM}),
-            Variant("pixel-dae", "ldae", {"pca_dim": 192}),
-            Variant("ldae-d48", "ldae", {"pca_dim": 48}),
+VARIANTS = (Variant("ldae-d8", "ldae", {"pca_dim": study.DEFAULT_PCA_DIM, **study.OLD_INIT}),
+            Variant("pixel-dae", "ldae", {"pca_dim": 192, **study.OLD_INIT}),
+            Variant("ldae-d48", "ldae", {"pca_dim": 48, **study.OLD_INIT}),
             Variant("mae", "mae"))
 REFERENCES = ("random-vit", "random-ldae", "raw-pixels")
 PAIRS = (("ldae-d8", "pixel-dae"), ("ldae-d8", "random-vit"), ("ldae-d8", "mae"), ("ldae-d48", "pixel-dae"))
@@ -135,7 +135,7 @@ def write_report(table: dict, output_dir: Path, path: Path, args) -> None:
 
     header = "| variant | " + " | ".join(f"{p / 2:g} ep ({images[p] / 1000:.0f}k images)" for p in points) + " |"
     rule = "|---|" + "---|" * len(points)
-    lines = ["# l-DAE at CIFAR-10 scale: learning curves", "",
+    lines = ["# l-DAE at CIFAR-10 scale: learning curves", "", study.INIT_NOTE, "",
              f"Command: `python benchmarks/cifar10_curves.py --output_dir <folder>` (resumable; checkpoints "
              "every half epoch, none deleted). Regime as in [the CIFAR-10 study](cifar10.md): 32 px, patch 8 "
              f"(D = 192), width 192, 4 + 4 blocks, batch {study.BATCH_SIZE}, base lr {study.BASE_LEARNING_RATE:g}; "

@@ -58,7 +58,7 @@ TOKENIZER_SAVE_STEPS = 200
 # (conv VAE, which encodes every batch) in the same measurement; the study's 3,099 steps took 10 min with data.
 MINUTES = {"pca": 10.0, "patch_ae": 10.0, "patch_vae": 10.0, "conv_vae": 12.5,
            "tokenizer-conv_vae": 40.0, "tokenizer-patch_vae": 7.0, "tokenizer-patch_ae": 7.0, "probe": 1.0}
-# Paper (ImageNet, DiT-L encoder, linear probe top-1; ldae-method.md Sec. 9). Its 2c / 2d use a d = 16 conv latent
+# Paper (ImageNet, DiT-L encoder, linear probe top-1; docs/journey.md). Its 2c / 2d use a d = 16 conv latent
 # (32 x 32 x 4 in 2 x 2 patches), its stage 3 on the patch PCA at d = 32, both of D = 768.
 PAPER_SEQUENCE = {"2c": 59.0, "2d": 63.4, "3-patch-pca": 65.1, "4a": 62.4, "4b": 63.6, "4c": 63.6, "4d": 63.9,
                   "4e": 64.5}
@@ -91,6 +91,7 @@ class Job:
     minutes: float  # estimated wall clock on one core
     needs: str | None = None  # the tokenizer job it waits for
     dae: bool = False  # a DAE run: probed when finished
+    max_steps: int = DAE_STEPS  # of its training, for the time left in --plan
 
 
 def build_jobs(args) -> list[Job]:
@@ -111,14 +112,14 @@ def build_jobs(args) -> list[Job]:
                                              save_steps=TOKENIZER_SAVE_STEPS) + [
                 "--journey_stage", f"3-{kind.replace('_', '-')}", "--tokenizer_only", "--tokenizer_max_steps",
                 str(steps), "--per_device_train_batch_size", str(batch), "--logging_steps", "50"]
-            jobs.append(Job(needs, folder, command + smoke_flags(smoke), MINUTES[f"tokenizer-{kind}"]))
+            jobs.append(Job(needs, folder, command + smoke_flags(smoke), MINUTES[f"tokenizer-{kind}"], max_steps=steps))
             names.add(needs)
-        folder = out / "runs" / name
-        command = study.pretrain_command(Variant(stage, "ldae", {"pca_dim": d}, seed), data, folder,
-                                         20 if smoke else DAE_STEPS, "cpu", save_steps=10 if smoke else SAVE_STEPS)
+        folder, steps = out / "runs" / name, 20 if smoke else DAE_STEPS
+        variant = Variant(stage, "ldae", {"pca_dim": d, **study.OLD_INIT}, seed)
+        command = study.pretrain_command(variant, data, folder, steps, "cpu", save_steps=10 if smoke else SAVE_STEPS)
         command += ["--journey_stage", stage] + (["--tokenizer_from", str(out / "tokenizers" / f"{kind}-d{d}")]
                                                  if needs else [])
-        jobs.append(Job(name, folder, command + smoke_flags(smoke), MINUTES[kind], needs, dae=True))
+        jobs.append(Job(name, folder, command + smoke_flags(smoke), MINUTES[kind], needs, dae=True, max_steps=steps))
         names.add(name)
     return jobs
 
@@ -195,17 +196,18 @@ def show_plan(jobs: list[Job], lab: Study, parallel: int) -> None:
         else:
             status = progress(job)
             step = int(status.split()[-1]) if status != "to do" else 0
-            total = DAE_STEPS if job.dae else TOKENIZER_BUDGETS[job.name.split("-")[1]][0]
-            left += job.minutes * (1 - step / total)
+            left += job.minutes * (1 - step / job.max_steps)
         if job.dae:
             probe = probes.get(job.name)
             status += f"; probe {probe['linear_probe_top1']:.1f} / k-NN {probe['knn_top1']:.1f}" if probe else "; probe —"
             probes_left += probe is None
         print(f"{job.name:28s} {job.needs or '-':24s} {job.minutes:8.1f}  {status}")
     hours = left / 60 / parallel + probes_left * MINUTES["probe"] / 60
-    print(f"\n{sum(j.dae for j in jobs)} DAE runs, {sum(not j.dae for j in jobs)} tokenizers. Left: {left / 60:.1f} "
-          f"core-hours of training ({left / 60 / parallel:.1f} h on {parallel} cores, a lower bound: a run may wait "
-          f"for its tokenizer) + {probes_left} probes (~{probes_left * MINUTES['probe'] / 60:.1f} h): ~{hours:.1f} h.")
+    tokenizers = sum(not j.dae for j in jobs)
+    print(f"\n{sum(j.dae for j in jobs)} DAE runs, {tokenizers} tokenizers. Left: {left / 60:.1f} core-hours of "
+          f"training ({left / 60 / parallel:.1f} h on {parallel} cores"
+          f"{', a lower bound: a run may wait for its tokenizer' if tokenizers else ''}) + {probes_left} probes "
+          f"(~{probes_left * MINUTES['probe'] / 60:.1f} h): ~{hours:.1f} h.")
 
 
 class SmokeStudy(Study):
@@ -276,7 +278,7 @@ def write_report(lab: Study, jobs: list[Job], path: Path, args) -> None:
     folder = path.with_suffix("")
     plot_trajectory(rows, folder / "trajectory.png")
     lines = [
-        "# The deconstructive journey at CIFAR-10 scale: from DiT's recipe (2c) to l-DAE (4e)", "",
+        "# The deconstructive journey at CIFAR-10 scale: from DiT's recipe (2c) to l-DAE (4e)", "", study.INIT_NOTE, "",
         *([("**Smoke test (`--smoke`): 20 DAE steps, 5 tokenizer steps, probes on 2k / 1k images; the numbers "
             "mean nothing.**"), ""] if args.smoke else []),
         ("Command: `python benchmarks/cifar10_journey.py --output_dir <folder>` (resumable; `--plan` shows what is "
@@ -339,57 +341,94 @@ def write_report(lab: Study, jobs: list[Job], path: Path, args) -> None:
               + "; ".join(f"{label} {sum(w) / len(w):.1f} min ({len(w)} runs)" if w else f"{label} —"
                           for label, w in (("conv VAE tokenizer (it encodes every batch)", walls[True]),
                                            ("the others", walls[False]))) + ".", "",
-              "| job | wall clock (min) | linear probe | (train) | k-NN |", "|---|---|---|---|---|"]
+              *job_table(jobs, results)]
+    write_keeping_reading(path, lines)
+
+
+def job_table(jobs: list[Job], results: dict) -> list[str]:
+    """Every job's wall clock (of its last segment if it was resumed) and probe figures."""
+    runs = results.get("pretraining", {})
+    figure = lambda name, metric: f"{results[name][metric]:.1f}" if name in results else "—"  # noqa: E731
+    lines = ["| job | wall clock (min) | linear probe | (train) | k-NN |", "|---|---|---|---|---|"]
     for job in jobs:
         run = runs.get(job.name)
         wall = "—" if run is None else f"{run['wall_seconds'] / 60:.1f}{' (last segment)' if run['resumed'] else ''}"
-        lines.append(f"| {job.name} | {wall} | {one(job.name)} | {one(job.name, 'linear_probe_train_top1')} | "
-                     f"{one(job.name, 'knn_top1')} |")
+        lines.append(f"| {job.name} | {wall} | {figure(job.name, 'linear_probe_top1')} | "
+                     f"{figure(job.name, 'linear_probe_train_top1')} | {figure(job.name, 'knn_top1')} |")
+    return lines
+
+
+def write_keeping_reading(path: Path, lines: list[str]) -> None:
+    """Write a report's generated `lines`, then the marker line and the hand-written reading below the marker in
+    the file already there (if any)."""
     reading = path.read_text().split(READING_MARKER, 1)[1] if path.exists() and READING_MARKER in path.read_text() else ""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + f"\n\n{READING_MARKER}{reading or chr(10)}")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", help="default: ../ldae-journey (--smoke: /tmp/ldae-journey-smoke)")
+def study_parser(description: str, name: str, only_help: str, smoke_help: str) -> argparse.ArgumentParser:
+    """The flags of every resumable CIFAR-10 study command (this one, the attribution study): `name` gives the
+    default output folder ../ldae-<name> and report docs/results/cifar10-<name>.md."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", help=f"default: ../ldae-{name} (--smoke: /tmp/ldae-{name}-smoke)")
     parser.add_argument("--data_dir", default=os.environ.get("LDAE_CIFAR10_DIR",
                                                              str(REPO.parent / "shared/datasets/cifar10")))
     parser.add_argument("--plan", action="store_true", help="print the jobs, what is done and the time left; run nothing")
-    parser.add_argument("--only", nargs="+", metavar="PATTERN",
-                        help="only the jobs whose names match (fnmatch, e.g. '*-d8-seed0' 'tokenizer-*'); the "
-                             "tokenizers they need come along")
+    parser.add_argument("--only", nargs="+", metavar="PATTERN", help=only_help)
     parser.add_argument("--hours", type=float, default=math.inf, help="start no job after this many hours")
     parser.add_argument("--report", action="store_true", help="only rewrite the report from results.json")
-    parser.add_argument("--report_file", help="default: docs/results/cifar10-journey.md (--smoke: in the output folder)")
+    parser.add_argument("--report_file", help=f"default: docs/results/cifar10-{name}.md (--smoke: in the output folder)")
     parser.add_argument("--parallel_runs", type=int, default=2, help="jobs side by side, one thread each")
     parser.add_argument("--threads", type=int, default=2, help="threads for feature extraction and probes")
     parser.add_argument("--probe_epochs", type=int, default=90)
     parser.add_argument("--probe_base_learning_rate", type=float, default=0.1 * 1_281_167 / 50_000)
-    parser.add_argument("--smoke", action="store_true",
-                        help="the whole pipeline in minutes: 20 DAE steps, 5 tokenizer steps, probes on 2k / 1k "
-                             "images for 2 epochs (numbers meaningless)")
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    return parser
+
+
+def parse_study_args(parser: argparse.ArgumentParser, argv, name: str) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.device = "cpu"
-    args.output_dir = args.output_dir or ("/tmp/ldae-journey-smoke" if args.smoke else str(REPO.parent / "ldae-journey"))
-    args.report_file = args.report_file or str(Path(args.output_dir) / "cifar10-journey.md" if args.smoke else
-                                               REPO / "docs" / "results" / "cifar10-journey.md")
+    args.output_dir = args.output_dir or (f"/tmp/ldae-{name}-smoke" if args.smoke else str(REPO.parent / f"ldae-{name}"))
+    args.report_file = args.report_file or str(Path(args.output_dir) / f"cifar10-{name}.md" if args.smoke else
+                                               REPO / "docs" / "results" / f"cifar10-{name}.md")
     if args.smoke:
         args.probe_epochs = 2
+    return args
+
+
+def main(argv=None):
+    parser = study_parser(__doc__, "journey",
+                          only_help="only the jobs whose names match (fnmatch, e.g. '*-d8-seed0' 'tokenizer-*'); the "
+                                    "tokenizers they need come along",
+                          smoke_help="the whole pipeline in minutes: 20 DAE steps, 5 tokenizer steps, probes on 2k / 1k "
+                                     "images for 2 epochs (numbers meaningless)")
+    args = parse_study_args(parser, argv, "journey")
     lab = (SmokeStudy if args.smoke else Study)(args)
     jobs = build_jobs(args)
     selected = select(jobs, args.only, set(lab.results.get("pretraining", {})))
     if args.plan:
         return show_plan(selected, lab, args.parallel_runs)
+    run_study(lab, jobs, selected, args, probe_runs, write_report, folders=("runs", "tokenizers", "logs", "probes"))
+
+
+def probe_runs(lab: Study, jobs: list[Job], args) -> None:
+    for job in jobs:
+        if job.dae and job.name in lab.results["pretraining"]:
+            lab.evaluate(job.name, lambda folder=job.folder: ldae_encoder(folder, args.device))
+
+
+def run_study(lab: Study, jobs: list[Job], selected: list[Job], args, evaluate, write_report,
+              folders: tuple[str, ...]) -> None:
+    """Unless --report: train the unfinished `selected` jobs, then `evaluate(lab, selected, args)` them (probes are
+    cached). Then the report of all `jobs`, from what exists; a failed job fails the command after it."""
     failed = []
     if not args.report:
-        for folder in ("runs", "tokenizers", "logs", "probes"):
+        for folder in folders:
             (lab.output_dir / folder).mkdir(parents=True, exist_ok=True)
         failed = execute(selected, lab, args.parallel_runs, time.time() + 3600 * args.hours)
         torch.set_num_threads(args.threads)
-        for job in selected:
-            if job.dae and job.name in lab.results["pretraining"]:
-                lab.evaluate(job.name, lambda folder=job.folder: ldae_encoder(folder, args.device))
+        evaluate(lab, selected, args)
     write_report(lab, jobs, Path(args.report_file), args)
     print(f"report written to {args.report_file}")
     if failed:

@@ -16,13 +16,11 @@ from .modeling_ldae import (
     LDAEForPreTrainingOutput,
     LDAEModel,
     LDAEPreTrainedModel,
-    loss_weights,
-    noise_levels,
     patchify,
-    timestep_to_sigma,
     unpatchify,
 )
 from .pca import PatchPCAAccumulator, explained_variance_ratio, fit_patch_pca
+from .scheduling_ldae import LDAENoiseScheduler
 
 AUTO_CLASSES = {
     "AutoModel": LDAEModel,
@@ -52,13 +50,11 @@ __all__ = [
     "LDAEForPreTraining",
     "LDAEForPreTrainingOutput",
     "LDAEModel",
+    "LDAENoiseScheduler",
     "LDAEPreTrainedModel",
     "PatchPCAAccumulator",
     "explained_variance_ratio",
     "fit_patch_pca",
-    "loss_weights",
-    "noise_levels",
     "patchify",
-    "timestep_to_sigma",
     "unpatchify",
 ]

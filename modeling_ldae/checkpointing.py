@@ -34,9 +34,12 @@ TEMPORARY_PREFIX = ".tmp-"
 FINAL_MODEL_MARKER = "config.json"
 # Config keys that do not change what is trained (bookkeeping, or which outputs a backbone returns): a resumed run
 # may differ in them.
+# `adaln_init` shapes only the weights a run starts from, which resuming replaces: a run saved before the key existed
+# (its init was "xavier") resumes under today's default.
 IGNORED_CONFIG_KEYS = {"transformers_version", "auto_map", "architectures", "_name_or_path", "dtype", "torch_dtype",
                        "out_features", "out_indices", "stage_names", "_out_features", "_out_indices",
-                       "output_hidden_states", "output_attentions", "return_dict", "feature_pyramid_strides"}
+                       "output_hidden_states", "output_attentions", "return_dict", "feature_pyramid_strides",
+                       "adaln_init"}
 
 
 class RunFinished(Exception):

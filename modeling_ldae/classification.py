@@ -1,5 +1,5 @@
 """Linear probing and fine-tuning of l-DAE checkpoints on the `transformers` Trainer (the MAE evaluation protocols,
-`ldae-method.md` section 7): what `run_linear_probe.py` and `run_finetune.py` share beyond the package's common
+`docs/method.md`, "Recipes"): what `run_linear_probe.py` and `run_finetune.py` share beyond the package's common
 plumbing (`cli`, `data`, `optim`, `hub`, `features`).
 
 Data flow: `data.load_labelled_splits` (raw rows: undecoded image + class id, checked) -> the Trainer splits the rows
@@ -77,9 +77,6 @@ class ModelArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Where to store downloaded checkpoints."})
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub checkpoint."})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the cached login)."})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run the checkpoint's own code (l-DAE checkpoints whose code is on the Hub)."}
-    )
     ignore_mismatched_sizes: bool = field(
         default=False, metadata={"help": "Re-initialise a classifier checkpoint's head when its class count differs."}
     )
@@ -291,8 +288,9 @@ def load_classifier(
     if hub.hub_id(path) is None and not Path(path).expanduser().is_dir():
         raise InputError(f"--model_name_or_path {path!r} is not a checkpoint folder (nor a Hub id): pass the folder "
                          "that run_pretrain.py or a Trainer script wrote, or a Hub id.")
-    hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision,
-                  "token": model_args.token, "trust_remote_code": model_args.trust_remote_code}
+    # No --trust_remote_code: the scripts run the installed l-DAE classes, which transformers' Auto classes prefer
+    # to a checkpoint's own code anyway (a registered class wins), so the flag could change nothing.
+    hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
     with _checkpoint_errors(path):
         config = AutoConfig.from_pretrained(path, **hub_kwargs)
     if config.model_type != "ldae":
@@ -415,7 +413,7 @@ def linear_probe_on_features(
     **probe_arguments,
 ) -> dict[str, float]:
     """The `--cache_features` linear probe (MAE protocol defaults of `LinearProbeTrainingArguments`: BatchNorm +
-    Linear, LARS, base lr 0.1, 10 + 80 epochs) on features from any encoder, so encoders that are not l-DAE models
+    Linear, LARS, base lr 0.1, 90 epochs, 10 of them warm-up) on features from any encoder, so encoders that are not l-DAE models
     (raw pixels, ViTMAE, random networks) are judged by the same probe. `probe_arguments` override
     `LinearProbeTrainingArguments` fields (e.g. `num_train_epochs`, `per_device_train_batch_size`, `seed`).
     Returns top-1 / top-5 on the evaluation features and top-1 on the training features, as fractions."""

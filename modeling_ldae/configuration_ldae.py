@@ -6,16 +6,18 @@ from transformers import PretrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
 FEATURE_INPUTS = ("clean", "pca", "noisy")
-# The deconstructive journey (ldae-method.md Sec. 9): each stage is a choice of these four, l-DAE the defaults.
+# The deconstructive journey (docs/journey.md): each stage is a choice of these four, l-DAE the defaults.
 TOKENIZER_TYPES = ("pca", "identity", "patch_ae", "patch_vae", "conv_vae")
 ORTHONORMAL_TOKENIZERS = ("pca", "identity")  # a full orthonormal basis: Eq. 4's residual and the PCA feature inputs
 NOISE_SCHEDULES = ("linear_sigma", "linear_beta", "linear_gamma_squared")
-PREDICTION_TYPES = ("sample", "epsilon")
+PREDICTION_TYPES = ("sample", "epsilon", "v_prediction")
+LOSS_WEIGHTINGS = ("default", "uniform", "snr", "min_snr")
 DENOISER_INPUTS = ("pixels", "latent")
 DENOISER_OUTPUTS = ("pixels", "projected_pixels", "latent")
 CLASSIFIER_HEADS = ("linear_probe", "fine_tune")
+ADALN_INITS = ("zero", "xavier")
 
-# Paper sizes (Sec. 4 of ldae-method.md): 256 px, patch 16, d = 32, decoder equal to the encoder.
+# Paper sizes (docs/method.md, "Network"): 256 px, patch 16, d = 32, decoder equal to the encoder.
 PRESETS = {
     "ldae-vit-base": dict(hidden_size=768, num_hidden_layers=12, decoder_num_hidden_layers=12, num_attention_heads=12),
     "ldae-vit-half-large": dict(
@@ -35,7 +37,7 @@ PRESETS = {
     ),
 }
 
-# Every stage of the journey from DiT to l-DAE (talk labels; ldae-method.md Sec. 9), as config values on top of a
+# Every stage of the journey from DiT to l-DAE (talk labels; docs/journey.md), as config values on top of a
 # size preset. Stage 3 is the tokenizer table, run at several `pca_dim`; "3-conv-vae" is stage 2d itself.
 _LATENT_EPSILON = dict(noise_schedule="linear_gamma_squared", prediction_type="epsilon", denoiser_input="latent",
                        denoiser_output="latent")
@@ -78,6 +80,10 @@ class LDAEConfig(BackboneConfigMixin, PretrainedConfig):
         qkv_bias (`bool`, *optional*, defaults to `True`): bias on the query/key/value projection.
         layer_norm_eps (`float`, *optional*, defaults to 1e-6): LayerNorm epsilon.
         initializer_range (`float`, *optional*, defaults to 0.02): std of the time-embedder initialisation.
+        adaln_init (`str`, *optional*, defaults to `"zero"`):
+            `"zero"`: DiT's adaLN-Zero (zero modulations and final layer, normal(`initializer_range`) time MLP);
+            `"xavier"`: those layers xavier-uniform like every other Linear, the init that ldae <= 0.1 actually applied
+            (a `transformers` 5 custom-code skip), to reproduce runs made with it. Only construction reads it.
         attention_probs_dropout_prob (`float`, *optional*, defaults to 0.0): attention dropout.
         drop_path_rate (`float`, *optional*, defaults to 0.0): stochastic depth, linearly increasing over blocks.
         pca_dim (`int`, *optional*, defaults to 32): latent dimension d per token, for every tokenizer (1 <= d <= D).
@@ -97,10 +103,21 @@ class LDAEConfig(BackboneConfigMixin, PretrainedConfig):
             DDPM's betas, for `noise_schedule="linear_beta"`.
         num_timesteps (`int`, *optional*, defaults to 1000): T.
         sigma_max (`float`, *optional*, defaults to sqrt(2)): largest noise level of `"linear_sigma"`.
+        sigma_min (`float`, *optional*, defaults to 0.0):
+            smallest noise level of `"linear_sigma"`: sigma_t = sigma_min + (sigma_max - sigma_min) t / (T - 1). l-DAE
+            starts at 0; epsilon prediction and the `"snr"` weighting of a clean-sample target need it above 0
+            (about 0.032, stage 3's smallest sigma / gamma, is a reasonable value).
         prediction_type (`str`, *optional*, defaults to `"sample"`):
-            as in `diffusers`: `"sample"` (the clean signal, loss weight lambda_t = gamma_t^2 / (gamma_t^2 +
-            sigma_t^2), i.e. 1 / (1 + sigma_t^2) unscaled and gamma_t^2 variance-preserving) or `"epsilon"` (the
-            noise, plain MSE: lambda_t = 1).
+            as in `diffusers`: `"sample"` (the clean signal), `"epsilon"` (the noise) or `"v_prediction"`
+            (v = gamma_t eps - sigma_t z_0; variance-preserving schedules only).
+        loss_weighting (`str`, *optional*, defaults to `"default"`):
+            lambda_t, the factor on each example's squared error (on the whole Eq. 4 error for an image target);
+            SNR_t = gamma_t^2 / sigma_t^2 of the schedule. `"default"`: SNR / (1 + SNR) for the clean sample
+            (1 / (1 + sigma^2) for l-DAE, gamma^2 variance-preserving), 1 for epsilon and v; `"uniform"`: 1;
+            `"snr"`: the weight that makes the loss the epsilon loss (sample SNR, v SNR / (1 + SNR), epsilon 1);
+            `"min_snr"`: Min-SNR (Hang et al. 2023) with `snr_gamma` (sample min(SNR, g), epsilon min(1, g / SNR),
+            v min(SNR, g) / (1 + SNR)). See `scheduling_ldae.LDAENoiseScheduler`.
+        snr_gamma (`float`, *optional*, defaults to 5.0): g of `"min_snr"`.
         denoiser_input (`str`, *optional*, defaults to `"pixels"`):
             `"pixels"`: the noisy latent brought back to an image by the inverse tokenizer, embedded by the patch
             projection (l-DAE); `"latent"`: the latent tokens, embedded by a d-wide linear projection.
@@ -153,6 +170,7 @@ class LDAEConfig(BackboneConfigMixin, PretrainedConfig):
         qkv_bias=True,
         layer_norm_eps=1e-6,
         initializer_range=0.02,
+        adaln_init="zero",
         attention_probs_dropout_prob=0.0,
         drop_path_rate=0.0,
         pca_dim=32,
@@ -163,7 +181,10 @@ class LDAEConfig(BackboneConfigMixin, PretrainedConfig):
         beta_end=0.02,
         num_timesteps=1000,
         sigma_max=math.sqrt(2),
+        sigma_min=0.0,
         prediction_type="sample",
+        loss_weighting="default",
+        snr_gamma=5.0,
         denoiser_input="pixels",
         denoiser_output="pixels",
         single_noise_level=None,
@@ -192,6 +213,7 @@ class LDAEConfig(BackboneConfigMixin, PretrainedConfig):
         self.qkv_bias = qkv_bias
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
+        self.adaln_init = adaln_init
         self.attention_probs_dropout_prob = attention_probs_dropout_prob
         self.drop_path_rate = drop_path_rate
         self.pca_dim = pca_dim
@@ -202,7 +224,10 @@ class LDAEConfig(BackboneConfigMixin, PretrainedConfig):
         self.beta_end = beta_end
         self.num_timesteps = num_timesteps
         self.sigma_max = sigma_max
+        self.sigma_min = sigma_min
         self.prediction_type = prediction_type
+        self.loss_weighting = loss_weighting
+        self.snr_gamma = snr_gamma
         self.denoiser_input = denoiser_input
         self.denoiser_output = denoiser_output
         self.single_noise_level = single_noise_level
@@ -270,6 +295,7 @@ class LDAEConfig(BackboneConfigMixin, PretrainedConfig):
         expect(0 <= self.feature_timestep < self.num_timesteps, "feature_timestep", self.feature_timestep,
                f"an integer in [0, {self.num_timesteps})")
         expect(self.feature_input in FEATURE_INPUTS, "feature_input", self.feature_input, f"one of {FEATURE_INPUTS}")
+        expect(self.adaln_init in ADALN_INITS, "adaln_init", self.adaln_init, f"one of {ADALN_INITS}")
         expect(self.classifier_head in CLASSIFIER_HEADS, "classifier_head", self.classifier_head,
                f"one of {CLASSIFIER_HEADS}")
         expect(self.single_noise_level is None or self.single_noise_level >= 0, "single_noise_level",
@@ -286,7 +312,8 @@ class LDAEConfig(BackboneConfigMixin, PretrainedConfig):
         """The tokenizer, schedule, input and target: each a valid choice, and together a combination that means
         something (each error names the valid choices)."""
         for name, choices in (("tokenizer_type", TOKENIZER_TYPES), ("noise_schedule", NOISE_SCHEDULES),
-                              ("prediction_type", PREDICTION_TYPES), ("denoiser_input", DENOISER_INPUTS),
+                              ("prediction_type", PREDICTION_TYPES), ("loss_weighting", LOSS_WEIGHTINGS),
+                              ("denoiser_input", DENOISER_INPUTS),
                               ("denoiser_output", DENOISER_OUTPUTS)):
             expect(getattr(self, name) in choices, name, getattr(self, name), f"one of {choices}")
         tokenizer, orthonormal = self.tokenizer_type, self.tokenizer_type in ORTHONORMAL_TOKENIZERS
@@ -302,11 +329,23 @@ class LDAEConfig(BackboneConfigMixin, PretrainedConfig):
         expect(self.denoiser_output != "pixels" or orthonormal, "denoiser_output", self.denoiser_output,
                f"'projected_pixels' or 'latent' with tokenizer_type={tokenizer!r}: the original-image target "
                f"(Eq. 4) needs a full orthonormal basis, i.e. tokenizer_type in {ORTHONORMAL_TOKENIZERS}")
-        expect(self.prediction_type != "epsilon" or self.denoiser_output == "latent", "denoiser_output",
-               self.denoiser_output, "'latent' with prediction_type='epsilon' (the noise lives in the latent)")
-        expect(self.prediction_type != "epsilon" or self.variance_preserving, "noise_schedule", self.noise_schedule,
-               "'linear_beta' or 'linear_gamma_squared' with prediction_type='epsilon' (at sigma = 0 of "
-               "'linear_sigma' the noise cannot be predicted)")
+        noise_target = self.prediction_type in ("epsilon", "v_prediction")
+        expect(not noise_target or self.denoiser_output == "latent", "denoiser_output", self.denoiser_output,
+               f"'latent' with prediction_type={self.prediction_type!r} (the noise lives in the latent)")
+        expect(self.prediction_type != "v_prediction" or self.variance_preserving, "noise_schedule",
+               self.noise_schedule, "'linear_beta' or 'linear_gamma_squared' with prediction_type='v_prediction' "
+               "(v is defined for variance-preserving schedules)")
+        expect(self.snr_gamma > 0, "snr_gamma", self.snr_gamma, "a number > 0")
+        if not self.variance_preserving:
+            expect(0 <= self.sigma_min < self.sigma_max, "sigma_min", self.sigma_min,
+                   f"a number in [0, sigma_max = {self.sigma_max})")
+            # At sigma_0 = 0 the noise cannot be predicted, and SNR_0 is infinite.
+            expect(self.prediction_type != "epsilon" or self.sigma_min > 0, "sigma_min", self.sigma_min,
+                   "> 0 with prediction_type='epsilon' and noise_schedule='linear_sigma' (e.g. 0.032), or a "
+                   "variance-preserving noise_schedule ('linear_beta', 'linear_gamma_squared')")
+            expect(not (self.loss_weighting == "snr" and self.prediction_type == "sample") or self.sigma_min > 0,
+                   "sigma_min", self.sigma_min, "> 0 with loss_weighting='snr' and noise_schedule='linear_sigma' "
+                   "(SNR = 1 / sigma^2 is infinite at sigma = 0; e.g. 0.032), or another loss_weighting")
         if self.variance_preserving:
             expect(self.single_noise_level is None, "single_noise_level", self.single_noise_level,
                    f"None with noise_schedule={self.noise_schedule!r} (a single sigma is an ablation of the unscaled "
@@ -314,6 +353,8 @@ class LDAEConfig(BackboneConfigMixin, PretrainedConfig):
             expect(math.isclose(self.sigma_max, math.sqrt(2)), "sigma_max", self.sigma_max,
                    f"its default sqrt(2) with noise_schedule={self.noise_schedule!r} (a variance-preserving schedule "
                    "ends at sigma = 1; sigma_max shapes 'linear_sigma' only)")
+            expect(self.sigma_min == 0, "sigma_min", self.sigma_min,
+                   f"its default 0 with noise_schedule={self.noise_schedule!r} (sigma_min shapes 'linear_sigma' only)")
         expect(0 < self.beta_start < self.beta_end < 1, "beta_start", (self.beta_start, self.beta_end),
                "0 < beta_start < beta_end < 1")
         expect(self.feature_input == "clean" or orthonormal, "feature_input", self.feature_input,

@@ -295,7 +295,9 @@ def decode_image(value: Any) -> PIL.Image.Image | None:
     if isinstance(value, bytes):
         value = {"bytes": value, "path": None}
     try:
-        return _IMAGE_DECODER.decode_example(value).convert("RGB")
+        if not isinstance(value, PIL.Image.Image):  # datasets 4.x decodes an image again, and fails
+            value = _IMAGE_DECODER.decode_example(value)
+        return value.convert("RGB")
     except Exception as error:  # noqa: BLE001 - any unreadable image must cost one example, not the run
         with _decode_failures.get_lock():
             _decode_failures.value += 1

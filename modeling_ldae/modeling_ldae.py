@@ -14,6 +14,7 @@ layers timm would give (MLP, drop path) are written here, as transformers' singl
 exception, diffusers' `AutoencoderKL` for the conv-VAE tokenizer, is imported only when such a model is built.
 """
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,6 @@ from transformers import ConvNextImageProcessor, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
-from transformers.image_utils import PILImageResampling
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BackboneOutput,
@@ -34,11 +34,14 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
-from transformers.utils import IMAGE_PROCESSOR_NAME, ModelOutput, TransformersKwargs
+from transformers.utils import IMAGE_PROCESSOR_NAME, ModelOutput, TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ldae import LDAEConfig
+from .scheduling_ldae import LDAENoiseScheduler
+
+logger = logging.get_logger(__name__)
 
 
 def _value_checks_enabled() -> bool:
@@ -251,42 +254,8 @@ def make_tokenizer(config: LDAEConfig) -> LDAEFloat32Module:
 # ----------------------------------------------------------------------------------------------------------------
 # Noise, added in the latent: z_t = gamma_t z_0 + sigma_t eps. l-DAE: no signal scaling (gamma_t = 1), sigma_t linear
 # from 0 to sigma_max over T steps. The journey's earlier stages: variance-preserving schedules, gamma^2 + sigma^2 = 1.
+# The schedule, the target and the loss weight live in `scheduling_ldae.LDAENoiseScheduler`; here, the time embedding.
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def timestep_to_sigma(timesteps: torch.Tensor, config: LDAEConfig) -> torch.Tensor:
-    """sigma_t of the schedule, fp32."""
-    if config.noise_schedule == "linear_sigma":
-        return timesteps.to(torch.float32) * (config.sigma_max / (config.num_timesteps - 1))
-    return noise_levels(timesteps, config)[1]
-
-
-def noise_levels(timesteps: torch.Tensor, config: LDAEConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gamma_t, sigma_t) per timestep, fp32. Written here rather than taken from `diffusers`' schedulers so that
-    PCA checkpoints need only torch; `DDPMScheduler(beta_schedule="linear").alphas_cumprod` equals gamma_t^2 of
-    "linear_beta" (tested)."""
-    if config.noise_schedule == "linear_sigma":
-        sigma = timestep_to_sigma(timesteps, config)
-        return torch.ones_like(sigma), sigma
-    if config.noise_schedule == "linear_beta":
-        betas = torch.linspace(config.beta_start, config.beta_end, config.num_timesteps, dtype=torch.float64,
-                               device=timesteps.device)
-        gamma_squared = torch.cumprod(1 - betas, dim=0)[timesteps]
-    else:  # "linear_gamma_squared": 1 > gamma^2 >= 0, falling linearly (the paper gives no offset; this one ends at 0)
-        gamma_squared = 1 - (timesteps.to(torch.float64) + 1) / config.num_timesteps
-    return gamma_squared.sqrt().float(), (1 - gamma_squared).sqrt().float()
-
-
-def loss_weights(timesteps: torch.Tensor, config: LDAEConfig) -> torch.Tensor:
-    """lambda_t: 1 for epsilon prediction (plain MSE, no learned variance or VLB term); for the clean sample
-    gamma^2 / (gamma^2 + sigma^2) = SNR / (1 + SNR): 1 / (1 + sigma^2) unscaled (l-DAE), gamma^2 variance-preserving
-    (4a). One formula, as the eps loss is SNR times the sample loss."""
-    if config.prediction_type == "epsilon":
-        return torch.ones(timesteps.shape, device=timesteps.device)
-    if not config.variance_preserving:  # gamma = 1: the l-DAE step stays as lean as before
-        return 1.0 / (1.0 + timestep_to_sigma(timesteps, config).square())
-    gamma, sigma = noise_levels(timesteps, config)
-    return gamma.square() / (gamma.square() + sigma.square())
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -507,7 +476,10 @@ class LDAEFinalLayer(nn.Module):
 
 def make_image_processor(image_size: int, crop_pct: float = 0.875) -> ConvNextImageProcessor:
     """The evaluation transform saved with every checkpoint: short side to image_size / crop_pct, center crop,
-    bicubic, pixels to [-1, 1] (`modeling_ldae.data.eval_transform` reproduces it for training scripts)."""
+    bicubic, pixels to [-1, 1] (`modeling_ldae.data.eval_transform` reproduces it for training scripts). Needs Pillow,
+    imported here: the model itself, also as remote code, needs only torch and transformers."""
+    from transformers.image_utils import PILImageResampling
+
     return ConvNextImageProcessor(
         size={"shortest_edge": image_size},
         crop_pct=crop_pct,
@@ -555,13 +527,24 @@ class LDAEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _no_split_modules = ["LDAEBlock"]
-    _keep_in_fp32_modules_strict = ["pca", "tokenizer"]
+    # `_keep_in_fp32_modules_strict` is declared per instance by `LDAEModel`: only the tokenizer it holds.
     # Hidden states = the embeddings, then every block's output; attentions = each block's weights.
     _can_record_outputs = {"hidden_states": LDAEBlock, "attentions": LDAEAttention}
 
+    def _initialize_weights(self, module, *args, **kwargs):
+        # transformers treats every class defined outside its own package as custom code, and for custom code it
+        # marks a module with no parameters of its own as initialised without calling `_init_weights`: every
+        # container branch below (adaLN-Zero, the time MLP, the final layer, the classifier head) would be skipped
+        # and its children would keep the generic xavier init. That skip guards code that writes loaded tensors in
+        # place; every init here goes through `transformers.initialization`, which leaves loaded tensors alone.
+        super()._initialize_weights(module)
+
     def _init_weights(self, module):
-        """DiT's initialisation: xavier linears, zero adaLN-Zero and final layer, fixed sin-cos positions."""
+        """DiT's initialisation: xavier linears, zero adaLN-Zero and final layer, normal(0.02) time MLP, fixed
+        sin-cos positions; MAE's trunc-normal classifier heads. `adaln_init="xavier"` keeps the conditioning path and
+        the final layer xavier, as ldae <= 0.1 initialised them."""
         std = self.config.initializer_range
+        dit_init = self.config.adaln_init == "zero"
         if isinstance(module, (nn.Linear, nn.ConvTranspose2d)):
             init.xavier_uniform_(module.weight)
             if module.bias is not None:
@@ -593,13 +576,15 @@ class LDAEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.latent_scale)  # not trained
             if getattr(module, "log_std", None) is not None:
                 init.zeros_(module.log_std)
-        elif isinstance(module, LDAETimestepEmbedder):
+        elif isinstance(module, LDAENoiseScheduler):
+            module.reset_tables()  # not saved: after meta-device loading the tables are uninitialised memory
+        elif isinstance(module, LDAETimestepEmbedder) and dit_init:
             init.normal_(module.mlp[0].weight, std=std)
             init.normal_(module.mlp[2].weight, std=std)
-        elif isinstance(module, (LDAEBlock, LDAEFinalLayer)) and module.adaLN_modulation is not None:
+        elif isinstance(module, (LDAEBlock, LDAEFinalLayer)) and module.adaLN_modulation is not None and dit_init:
             init.zeros_(module.adaLN_modulation[-1].weight)
             init.zeros_(module.adaLN_modulation[-1].bias)
-        if isinstance(module, LDAEFinalLayer):
+        if isinstance(module, LDAEFinalLayer) and dit_init:
             init.zeros_(module.linear.weight)
             init.zeros_(module.linear.bias)
         elif isinstance(module, LDAEForImageClassification):
@@ -613,7 +598,17 @@ class LDAEPreTrainedModel(PreTrainedModel):
     def merge_time_conditioning(self, timestep: int | None = None):
         """See `LDAEModel.merge_time_conditioning`; the fine-tuning and export form of the encoder."""
         self.base_model.merge_time_conditioning(timestep)
+        self._replace_config(self.base_model.config)  # the copy the encoder merged on, for the head too
         return self
+
+    def _replace_config(self, config: LDAEConfig):
+        """Give this model and every submodule that shares its config `config` instead. Models built from one
+        config share the object: one that changes its config (merging) first takes a copy, so that the caller's
+        config and every other model built from it stay as they were."""
+        shared = self.config
+        for module in self.modules():
+            if getattr(module, "config", None) is shared:
+                module.config = config
 
     def set_pca(self, mean: torch.Tensor, components: torch.Tensor, eigenvalues: torch.Tensor):
         """Install a fitted PCA tokenizer (from `fit_patch_pca`): mean (D,), components (D, D) as orthonormal rows
@@ -637,7 +632,13 @@ class LDAEPreTrainedModel(PreTrainedModel):
         # A checkpoint is usable by AutoImageProcessor and the pipelines on its own: add the evaluation processor
         # unless the caller saved one (the scripts do, to the same effect).
         if kwargs.get("is_main_process", True) and not (Path(save_directory) / IMAGE_PROCESSOR_NAME).exists():
-            make_image_processor(self.config.image_size).save_pretrained(save_directory)
+            try:
+                processor = make_image_processor(self.config.image_size)
+            except ImportError:  # no Pillow: the model is saved, only the processor is left out
+                logger.warning(f"Pillow is not installed: {save_directory} holds the model without its image "
+                               "processor (`pip install pillow` to save one).")
+            else:
+                processor.save_pretrained(save_directory)
         return result
 
     @classmethod
@@ -682,8 +683,11 @@ class LDAEModel(LDAEPreTrainedModel):
         # `ldae.tokenizer.*`, frozen: never in an optimizer, a layer-decay group or a parameter count.
         if config.tokenizer_type in ("pca", "identity"):
             self.pca = make_tokenizer(config)
+            self._keep_in_fp32_modules_strict = ["pca"]
         else:
             self.tokenizer = make_tokenizer(config).requires_grad_(False)
+            self._keep_in_fp32_modules_strict = ["tokenizer"]
+        self.noise_scheduler = LDAENoiseScheduler.from_config(config)
         self.embeddings = LDAEEmbeddings(config)
         self.time_embedder = None if config.time_conditioning_merged else LDAETimestepEmbedder(config)
         depth = config.num_hidden_layers + (config.decoder_num_hidden_layers if add_decoder else 0)
@@ -758,10 +762,7 @@ class LDAEModel(LDAEPreTrainedModel):
         elif tuple(noise.shape) != expected:
             raise ValueError(f"`noise` has shape {tuple(noise.shape)}, expected (batch, num_patches, pca_dim) = "
                              f"{expected}.")
-        if not self.config.variance_preserving:
-            return latents + timestep_to_sigma(timesteps, self.config)[:, None, None] * noise.float(), noise.float()
-        gamma, sigma = noise_levels(timesteps, self.config)
-        return gamma[:, None, None] * latents + sigma[:, None, None] * noise.float(), noise.float()
+        return self.noise_scheduler.add_noise(latents, noise.float(), timesteps), noise.float()
 
     def add_latent_noise(self, pixel_values, timesteps, noise=None, generator=None):
         """Images -> noisy images in the tokenizer's latent: x_t = mu + V^T (gamma_t V (x - mu) + sigma_t eps) for
@@ -847,6 +848,8 @@ class LDAEModel(LDAEPreTrainedModel):
         if len(self.blocks) > config.num_hidden_layers:
             raise ValueError("merge_time_conditioning() applies to the encoder; this model also holds the decoder "
                              "(LDAEForPreTraining). Load the checkpoint with LDAEModel or a classifier first.")
+        self._replace_config(copy.deepcopy(config))
+        config = self.config
         timestep = config.feature_timestep if timestep is None else timestep
         device = self.embeddings.projection.weight.device
         conditioning = self.time_embedder(self.resolve_timesteps(timestep, 1, device)).float()[0]
@@ -855,6 +858,56 @@ class LDAEModel(LDAEPreTrainedModel):
         self.time_embedder = None
         config.time_conditioning_merged = True
         config.merged_timestep = timestep
+        return self.fold_tokenizer()  # and a linear tokenizer in front of the blocks joins the patch embedding
+
+    @torch.no_grad()
+    def fold_tokenizer(self) -> "LDAEModel":
+        """Fold a linear tokenizer in front of a merged encoder into a patch embedding, so that it takes images as
+        they are, with the same outputs (fp32 rounding). The latent tokens of the PCA, V (x - mu), of the patch AE and
+        of the patch VAE's posterior mean, s (E x + e), are an affine map of each patch, z = M x + c, and so is the PCA
+        projection of `feature_input="pca"`, mu + V^T V (x - mu): the token embedding W, b after it (a Linear of the
+        latent, or the patch convolution) becomes the patch convolution W M, b + W c.
+
+        The config then says what the forward pass does, `denoiser_input="pixels"`, `feature_input="clean"`, so the
+        checkpoint loads as the ViT it now is, also with versions of this file that predate the fold (no new key to
+        ignore); the tokenizer stays in it, unused, the record of the latent the encoder was trained on (its tensors
+        are required keys on loading). A conv VAE's latent and `feature_input="noisy"` are not linear maps of the
+        patch: left as they are."""
+        config = self.config
+        if not config.time_conditioning_merged:
+            raise ValueError("fold_tokenizer() applies to a merged encoder (the input an unmerged model trains on is "
+                             "part of pre-training): call merge_time_conditioning(), which folds it too.")
+        tokenizer = self.latent_tokenizer
+        if config.feature_input == "noisy" or (config.denoiser_input, config.feature_input) == ("pixels", "clean"):
+            return self
+        # Per patch, in float64 and in `patchify`'s (row, column, channel) order: what the token projection sees,
+        # matrix @ x + offset.
+        if isinstance(tokenizer, LDAEPatchPCA):
+            tokenizer.require_fitted("Folding the tokenizer into the patch embedding")
+            basis, mean = tokenizer.components[: tokenizer.pca_dim].double(), tokenizer.mean.double()
+            matrix, offset = basis, -basis @ mean
+            if config.denoiser_input == "pixels":  # feature_input="pca": the image decoded back, mu + V^T z
+                matrix, offset = basis.T @ matrix, mean + basis.T @ offset
+        elif isinstance(tokenizer, LDAEPatchAutoencoder):
+            tokenizer.require_fitted("Folding the tokenizer into the patch embedding")
+            scale = tokenizer.latent_scale.double()
+            matrix, offset = scale * tokenizer.encoder.weight.double(), scale * tokenizer.encoder.bias.double()
+        else:
+            return self
+        projection, patch, channels = self.embeddings.projection, config.patch_size, config.num_channels
+        weight = projection.weight.double()
+        if config.denoiser_input == "pixels":  # a Conv2d weight is (out, C, p, p): to patchify's order
+            weight = weight.permute(0, 2, 3, 1).flatten(1)
+        patch_embeddings = nn.Conv2d(channels, config.hidden_size, kernel_size=patch, stride=patch,
+                                     device=projection.weight.device, dtype=projection.weight.dtype)
+        patch_embeddings.weight.copy_((weight @ matrix).reshape(-1, patch, patch, channels).permute(0, 3, 1, 2))
+        patch_embeddings.bias.copy_(projection.bias.double() + weight @ offset)
+        patch_embeddings.requires_grad_(projection.weight.requires_grad)
+        if config.denoiser_input == "latent":
+            del self.embeddings.latent_embeddings
+        self.embeddings.patch_embeddings = patch_embeddings
+        config.denoiser_input, config.feature_input = "pixels", "clean"
+        self.embeddings.config = config  # the embeddings read denoiser_input from their own reference
         return self
 
 
@@ -880,12 +933,13 @@ class LDAEForPreTraining(LDAEPreTrainedModel):
         config = self.config
         if config.single_noise_level is not None:
             # Single-level ablation: the schedule step nearest to the requested sigma.
-            step = round(config.single_noise_level / config.sigma_max * (config.num_timesteps - 1))
-            return torch.full((batch_size,), min(step, config.num_timesteps - 1), dtype=torch.long, device=device)
+            step = self.ldae.noise_scheduler.timestep_of_sigma(config.single_noise_level)
+            return torch.full((batch_size,), step, dtype=torch.long, device=device)
         return torch.randint(0, config.num_timesteps, (batch_size,), device=device)
 
     def loss(self, targets: torch.Tensor, predicted: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """lambda_t (`loss_weights`) times the squared error per token, mean over tokens and batch, in fp32.
+        """lambda_t (the scheduler's `loss_weight`) times the squared error per token, mean over tokens and batch, in
+        fp32.
 
         For the original-image target (`denoiser_output="pixels"`, l-DAE) the squared error is Eq. 4's:
         sum_i w_i r_i^2 with r = V_full e, e = x0 - prediction, w_i = 1 for the top d components and
@@ -899,44 +953,37 @@ class LDAEForPreTraining(LDAEPreTrainedModel):
                 pca, weight = self.ldae.pca, config.residual_loss_weight
                 latent_error = error @ pca.components[: pca.pca_dim].T
                 per_token = weight * per_token + (1 - weight) * latent_error.square().sum(-1)
-            return (loss_weights(timesteps, config)[:, None] * per_token).mean()
+            return (self.ldae.noise_scheduler.loss_weight(timesteps)[:, None] * per_token).mean()
 
-    def targets(self, pixel_values: torch.Tensor, clean_latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """What the prediction is trained towards, per token: eps, the clean latent z_0, the tokenizer's
-        reconstruction of the clean image (4d: mu + V^T V (x0 - mu) for the PCA) or the original image (l-DAE)."""
+    def targets(self, pixel_values: torch.Tensor, clean_latents: torch.Tensor, noise: torch.Tensor,
+                timesteps: torch.Tensor) -> torch.Tensor:
+        """What the prediction is trained towards, per token: from the clean latent z_0, eps or v (the scheduler's
+        `target`); else the tokenizer's reconstruction of the clean image (4d: mu + V^T V (x0 - mu) for the PCA) or
+        the original image (l-DAE)."""
         config = self.config
-        if config.prediction_type == "epsilon":
-            return noise
         if config.denoiser_output == "latent":
-            return clean_latents
+            return self.ldae.noise_scheduler.target(clean_latents, noise, timesteps)
         if config.denoiser_output == "projected_pixels":
             pixel_values = self.ldae.latent_tokenizer.decode_images(clean_latents, *pixel_values.shape[-2:])
         return patchify(pixel_values, config.patch_size)
 
     def copy_prediction(self, outputs: LDAEForPreTrainingOutput, height: int, width: int) -> torch.Tensor:
         """The prediction of a model that learned nothing but to copy its input, in the target's terms: the noisy
-        image (pixel targets), z_t (latent), or the eps that says "x0 = z_t" (epsilon). A trained model's loss
-        must fall well below this one's (the health monitor)."""
-        config, noisy = self.config, outputs.noisy_latents
-        if config.prediction_type == "epsilon":
-            gamma, sigma = noise_levels(outputs.timesteps, config)
-            return noisy * ((1 - gamma) / sigma)[:, None, None]
-        if config.denoiser_output == "latent":
-            return noisy
-        images = self.ldae.latent_tokenizer.decode_images(noisy, height, width)
-        return patchify(images, config.patch_size)
+        image (image targets), z_t (latent), or the eps / v that says "z_0 = z_t". A trained model's loss must fall
+        well below this one's (the health monitor)."""
+        copy = self.ldae.noise_scheduler.copy_prediction(outputs.noisy_latents, outputs.timesteps)
+        if self.config.denoiser_output == "latent":
+            return copy
+        return patchify(self.ldae.latent_tokenizer.decode_images(copy, height, width), self.config.patch_size)
 
     def denoised_images(self, outputs: LDAEForPreTrainingOutput, height: int, width: int) -> torch.Tensor:
         """The predicted clean images, whatever the target (for pictures): pixels as predicted, latents decoded by
-        the tokenizer, eps turned into z0 = (z_t - sigma_t eps) / gamma_t first."""
+        the tokenizer, eps or v turned into z_0 first."""
         config, predicted = self.config, outputs.logits.float()
         if config.denoiser_output != "latent":
             return unpatchify(predicted, config.patch_size, height, width)
-        if config.prediction_type == "epsilon":
-            gamma, sigma = noise_levels(outputs.timesteps, config)
-            gamma, sigma = gamma.clamp_min(1e-3)[:, None, None], sigma[:, None, None]
-            predicted = (outputs.noisy_latents - sigma * predicted) / gamma
-        return self.ldae.latent_tokenizer.decode_images(predicted, height, width)
+        clean = self.ldae.noise_scheduler.predicted_original(predicted, outputs.noisy_latents, outputs.timesteps)
+        return self.ldae.latent_tokenizer.decode_images(clean, height, width)
 
     @capture_outputs
     def forward(
@@ -973,7 +1020,7 @@ class LDAEForPreTraining(LDAEPreTrainedModel):
             noisy_pixel_values = None
             if config.denoiser_input == "pixels":
                 noisy_pixel_values = tokenizer.decode_images(noisy_latents, height, width)
-            targets = self.targets(clean, clean_latents, noise)
+            targets = self.targets(clean, clean_latents, noise, timesteps)
         conditioning = backbone.conditioning(timesteps)
         inputs = noisy_latents if noisy_pixel_values is None else noisy_pixel_values
         hidden_states = backbone.embed(inputs, pixel_values)
@@ -1058,9 +1105,10 @@ class LDAEBackbone(BackboneMixin, LDAEPreTrainedModel):
     With `config.feature_pyramid_strides`, the last selected map becomes one map per stride instead."""
 
     def __init__(self, config: LDAEConfig):
-        super().__init__(config)
         if config.out_features is None:
+            config = copy.deepcopy(config)  # the default selection, without changing the caller's config
             config.out_indices = [-1]
+        super().__init__(config)
         self.num_features = [config.hidden_size] * len(self.stage_names)
         self.ldae = LDAEModel(config)
         self._keys_to_ignore_on_load_unexpected = self.ldae._keys_to_ignore_on_load_unexpected
@@ -1090,6 +1138,9 @@ class LDAEBackbone(BackboneMixin, LDAEPreTrainedModel):
         Returns `feature_maps`, one (batch, hidden_size, height / p, width / p) map per selected stage (or per
         pyramid stride), `hidden_states` if asked for, `attentions` if asked for.
         """
+        # The maps are hidden states: asked for here, not left to `filter_output_hidden_states` (which forces them
+        # from transformers 5.12 on only); it drops them from the output unless the caller asked.
+        kwargs["output_hidden_states"] = True
         outputs = self.ldae(pixel_values, timesteps=timesteps, interpolate_pos_encoding=True, **kwargs)
         grid = [size // self.config.patch_size for size in pixel_values.shape[-2:]]
         feature_maps = tuple(
@@ -1112,7 +1163,4 @@ __all__ = [
     "LDAEPreTrainedModel",
     "patchify",
     "unpatchify",
-    "timestep_to_sigma",
-    "noise_levels",
-    "loss_weights",
 ]

@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 from .data import DecodingCollator, eval_transform, pretrain_transform
 from .features import extract_features
 from .knn import knn_top1
-from .modeling_ldae import noise_levels, unpatchify
+from .modeling_ldae import unpatchify
 from .pca import explained_variance_ratio
+from .scheduling_ldae import LDAENoiseScheduler
 
 matplotlib.use("Agg")  # pictures are files: no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -175,7 +176,7 @@ def report_pca(model, how: str, accelerator: Accelerator, output_dir: Path, coun
 
 def noise_level(config, timestep: int) -> tuple[str, float]:
     """The schedule's own measure of the noise at t: ("σ", sigma_t) unscaled, ("γ²", gamma_t^2) variance-preserving."""
-    gamma, sigma = (value.item() for value in noise_levels(torch.tensor([timestep]), config))
+    gamma, sigma = (value.item() for value in LDAENoiseScheduler.from_config(config).noise_levels(timestep))
     return ("γ²", gamma**2) if config.variance_preserving else ("σ", sigma)
 
 

@@ -15,6 +15,8 @@ every process reads).
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import math
 import signal
@@ -97,6 +99,17 @@ def _build_config(model_args, overrides: dict[str, Any]):
                          "ldae, vit_mae or another AutoModelForPreTraining type.") from None
 
 
+def check_override_keys(config_class, overrides: dict[str, Any]) -> None:
+    """`PretrainedConfig` stores a key it does not know as a plain attribute that no model reads, so a typo in
+    --config_overrides would train the default silently; the `transformers` examples refuse it, and so do we."""
+    known = set(config_class().to_dict()) | set(inspect.signature(config_class.__init__).parameters) - {"kwargs"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        raise InputError(f"--config_overrides: {config_class.__name__} has no key {unknown[0]!r}"
+                         f"{f' (did you mean {close[0]!r}?)' if close else ''}; the keys are those of its config.json.")
+
+
 def build_model(model_args) -> torch.nn.Module:
     """A pre-training model from a checkpoint (`model_name_or_path`), a config folder (`config_name`), an l-DAE
     preset (`model_preset`) or any registered `model_type`, with `config_overrides` applied."""
@@ -108,10 +121,14 @@ def build_model(model_args) -> torch.nn.Module:
         overrides = {**JOURNEY_STAGES[stage], **overrides}  # --config_overrides still wins (e.g. pca_dim)
     try:
         if model_args.model_name_or_path:
+            check_override_keys(type(AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                                                cache_dir=model_args.cache_dir, token=model_args.token)),
+                                overrides)
             return AutoModelForPreTraining.from_pretrained(
                 model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token, **overrides
             )
         config = _build_config(model_args, overrides)
+        check_override_keys(type(config), overrides)
     except (OSError, ValueError) as error:  # transformers' words for "no such checkpoint" and a bad config value
         if isinstance(error, InputError):
             raise
@@ -121,6 +138,15 @@ def build_model(model_args) -> torch.nn.Module:
     if config.model_type == "vit_mae":
         initialize_vit_mae_position_embeddings(model)
     return model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each block's activations in the backward pass (`--gradient_checkpointing`): transformers' current
+    name where it has it (5.25 deprecates `gradient_checkpointing_enable`), the old one on releases without it."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_enable()
 
 
 def square_image_size(model) -> int:

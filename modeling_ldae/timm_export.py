@@ -4,10 +4,11 @@ loads. Other frameworks need their own key conversion.
     python -m modeling_ldae.timm_export CHECKPOINT OUTPUT_DIR [--image_size 512] [--dynamic_img_size]
     ldae-export-timm CHECKPOINT OUTPUT_DIR            # the same, installed as a console script
 
-The export is the encoder with its time conditioning merged at the feature time step (plain pre-norm blocks), no class
-token, average pooling with no final or fc norm, tanh GELU, and the exact sin-cos table of `image_size` as
-`pos_embed`; its pretrained config carries the l-DAE preprocessing (mean / std 0.5, bicubic, crop 0.875). The folder
-gets `model.safetensors` and timm's `config.json`:
+The export is the encoder with its time conditioning merged at the feature time step (plain pre-norm blocks) and a
+linear tokenizer in front of it (the PCA latent or projection, a patch AE / VAE latent) folded into the patch
+embedding, so it takes images whatever the model's input; no class token, average pooling with no final or fc norm,
+tanh GELU, and the exact sin-cos table of `image_size` as `pos_embed`; its pretrained config carries the l-DAE
+preprocessing (mean / std 0.5, bicubic, crop 0.875). The folder gets `model.safetensors` and timm's `config.json`:
 
     model = timm.create_model("local-dir:OUTPUT_DIR", pretrained=True)
 
@@ -44,14 +45,14 @@ def merged_encoder(model_or_checkpoint: LDAEPreTrainedModel | str | Path) -> LDA
     else:
         raise InputError(f"export_to_timm takes an l-DAE model or checkpoint folder, not {type(model_or_checkpoint)}.")
     encoder = encoder.float().cpu().eval()
-    if encoder.config.feature_input != "clean":
+    if encoder.config.feature_input == "noisy":
         raise InputError(
-            f"This model's features use feature_input={encoder.config.feature_input!r} (the PCA inside the forward "
-            "pass), which a timm ViT cannot reproduce: load it with feature_input='clean' to export the encoder."
+            "This model's features use feature_input='noisy' (random latent noise inside the forward pass), which a "
+            "timm ViT cannot reproduce: load it with feature_input='clean' or 'pca' to export the encoder."
         )
     if not encoder.config.time_conditioning_merged:
         encoder.merge_time_conditioning()
-    return encoder
+    return encoder.fold_tokenizer()  # also for a checkpoint merged before the fold existed
 
 
 @torch.no_grad()
@@ -73,9 +74,9 @@ def export_to_timm(
     if image_size % config.patch_size:
         raise InputError(f"image_size {image_size} is not a multiple of the patch size {config.patch_size}.")
     if config.denoiser_input != "pixels":
-        raise InputError(f"This encoder takes latent tokens from its {config.tokenizer_type} tokenizer "
-                         "(denoiser_input='latent'), and timm's VisionTransformer takes pixels: only pixel-input "
-                         "models (l-DAE, journey stages 4c-4e) export.")
+        raise InputError(f"This encoder takes the latent tokens of a {config.tokenizer_type} tokenizer, which are not "
+                         "a linear map of each patch, so no patch embedding reproduces them: only models on a linear "
+                         "tokenizer (PCA, identity, patch AE / VAE) or on pixels export to timm.")
     if config.hidden_act not in TIMM_ACTIVATIONS:
         raise InputError(f"hidden_act {config.hidden_act!r} has no timm equivalent here ({sorted(TIMM_ACTIVATIONS)}).")
     if config.layer_norm_eps != 1e-6:

@@ -2,6 +2,7 @@
 (`ModelTesterMixin` in spirit: save/load, meta-device init, batching equivalence, determinism) on every class."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from modeling_ldae import (
     LDAEModel,
     fit_patch_pca,
 )
+from modeling_ldae.configuration_ldae import JOURNEY_STAGES, TOKENIZER_TYPES
 
 PYRAMID = [4, 8, 16, 32]  # ViTDet's strides; from 8 x 8 patches: 2x up, the map itself, 2x and 4x down
 
@@ -42,6 +44,7 @@ def as_maps(hidden_states, height, width):
 # -- the backbone ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.floor
 def test_feature_maps_are_the_encoder_hidden_states_at_any_size(checkpoint, images, tmp_path):
     backbone = LDAEBackbone.from_pretrained(checkpoint, out_indices=[0, 1, 2]).eval()
     encoder = LDAEModel.from_pretrained(checkpoint).eval()
@@ -68,6 +71,7 @@ def test_feature_maps_are_the_encoder_hidden_states_at_any_size(checkpoint, imag
     torch.testing.assert_close(reloaded(wide).feature_maps[2], backbone(wide).feature_maps[2], rtol=0, atol=0)
 
 
+@pytest.mark.floor
 def test_backbone_outputs_and_auto_class(checkpoint, images):
     backbone = LDAEBackbone.from_pretrained(checkpoint, out_features=["stage1"]).eval()
     outputs = backbone(images, output_hidden_states=True, output_attentions=True)
@@ -166,6 +170,14 @@ def test_eager_sdpa_and_flex_attention_agree(checkpoint, images):
     assert loaded.config._attn_implementation == "eager" and len(loaded(images).attentions) == 2
 
 
+@pytest.mark.floor
+def test_backbone_leaves_the_callers_config_as_it_was():
+    config = tiny_config()
+    backbone = LDAEBackbone(config)
+    assert backbone.out_features == ["stage2"] and config.out_features is None and config.out_indices is None
+    assert LDAEModel(config).config.out_features is None
+
+
 # -- transformers' common model checks, on every class -------------------------------------------------------------
 
 
@@ -178,6 +190,7 @@ def every_class():
 
 @pytest.mark.parametrize("model_class, config", every_class(),
                          ids=["model", "pretraining", "fine-tune", "linear-probe", "backbone", "pyramid"])
+@pytest.mark.floor
 def test_common_model_checks(model_class, config, images, tmp_path):
     # Buffers: a model built with initialisation skipped holds what meta-device construction + init_weights gives.
     with no_init_weights():
@@ -216,3 +229,25 @@ def test_common_model_checks(model_class, config, images, tmp_path):
     for key in first:
         for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (first[key], output[key]))):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{key} after save / load")
+
+
+TOKENIZER_CONFIGS = {  # one tiny config per tokenizer type, each at a journey stage that uses it
+    "pca": {}, "identity": {"tokenizer_type": "identity", "pca_dim": 192},
+    "patch_ae": JOURNEY_STAGES["3-patch-ae"], "patch_vae": JOURNEY_STAGES["3-patch-vae"],
+    "conv_vae": JOURNEY_STAGES["3-conv-vae"],
+}
+
+
+@pytest.mark.parametrize("tokenizer_type", TOKENIZER_TYPES)
+@pytest.mark.floor
+def test_keep_in_fp32_modules_exist(tokenizer_type):
+    # transformers' common test of the same name: every declared name matches a module of the state dict.
+    config = tiny_config(**TOKENIZER_CONFIGS[tokenizer_type])
+    assert config.tokenizer_type == tokenizer_type
+    for model_class in (LDAEModel, LDAEForPreTraining, LDAEForImageClassification, LDAEBackbone):
+        model = model_class(copy.deepcopy(config))
+        names = list(model.state_dict())
+        declared = model._keep_in_fp32_modules_strict
+        assert declared == {"pca" if tokenizer_type in ("pca", "identity") else "tokenizer"}, model_class
+        for module in [*model._keep_in_fp32_modules, *declared]:
+            assert any(re.search(rf"(?:^|\.){module}(?:\.|$)", name) for name in names), (model_class, module)

@@ -279,6 +279,7 @@ def test_column_detection_and_errors(cifar_test: datasets.Dataset) -> None:
     assert data.find_image_column(stream) == "jpg" and data.find_label_column(stream) == "cls"
 
 
+@pytest.mark.floor
 def test_non_integer_labels_raise(cifar_test: datasets.Dataset) -> None:
     small = cifar_test.select(range(4)).remove_columns("label")
     names = small.add_column("label", ["cat", "ship", "cat", "frog"])

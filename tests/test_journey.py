@@ -25,9 +25,8 @@ from modeling_ldae import (
     LDAEForImageClassification,
     LDAEForPreTraining,
     LDAEModel,
+    LDAENoiseScheduler,
     fit_patch_pca,
-    loss_weights,
-    noise_levels,
     patchify,
 )
 from modeling_ldae.cli import InputError
@@ -60,6 +59,14 @@ def stage_model(stage: str, pca=None, **overrides) -> LDAEForPreTraining:
 # -- schedules and targets -----------------------------------------------------------------------------------------
 
 
+def noise_levels(timesteps, config):
+    return LDAENoiseScheduler.from_config(config).noise_levels(timesteps)
+
+
+def loss_weights(timesteps, config):
+    return LDAENoiseScheduler.from_config(config).loss_weight(timesteps)
+
+
 @pytest.mark.parametrize("schedule", ["linear_beta", "linear_gamma_squared"])
 def test_variance_preserving_schedules_keep_unit_variance_and_their_end_points(schedule):
     config = LDAEConfig(**TINY, noise_schedule=schedule)
@@ -74,6 +81,7 @@ def test_variance_preserving_schedules_keep_unit_variance_and_their_end_points(s
         assert gamma[0].square().item() == pytest.approx(1 - 1e-4) and gamma[-1].square().item() < 1e-4
 
 
+@pytest.mark.floor
 def test_linear_beta_equals_ddpm_alphas_cumprod():
     diffusers = pytest.importorskip("diffusers")
     config = LDAEConfig(**TINY, noise_schedule="linear_beta")
@@ -150,6 +158,114 @@ def test_copy_baselines_and_denoised_images_read_each_target(pca, cifar10_train_
             torch.testing.assert_close(copied, patchify(out.noisy_pixel_values, 8))
 
 
+def test_every_stage_computes_what_it_did_before_the_scheduler_held_the_schedule():
+    """tests/fixtures/make_journey_reference.py wrote what each stage computed when the schedule, target and loss
+    weight were still decided inside the model file: the noisy latents, targets, loss, copy baseline, denoised images
+    and features stay the same (so the journey's runs stand)."""
+    from journey_reference import stage_fingerprints
+
+    expected = json.loads((FIXTURES / "journey-reference.json").read_text())
+    assert set(expected) == set(JOURNEY_STAGES)
+    for stage, values in expected.items():
+        got = stage_fingerprints(stage)
+        for name, value in values.items():
+            flat = lambda v: [v] if isinstance(v, float) else [v["sum"], v["norm"], *v["first"]]
+            torch.testing.assert_close(flat(got[name]), flat(value), rtol=1e-6, atol=1e-6, msg=f"{stage} {name}")
+
+
+def test_scheduler_tables_are_fp32_buffers_that_survive_casts_and_meta_loading(tmp_path):
+    config = LDAEConfig(**{**TINY, **JOURNEY_STAGES["2c"]})
+    model = LDAEForPreTraining(config)
+    scheduler = model.ldae.noise_scheduler
+    assert not any("noise_scheduler" in key for key in model.state_dict())  # derived from the config, never saved
+    reference = {name: table.float() for name, table in LDAENoiseScheduler.from_config(config).tables().items()}
+    model.to(torch.bfloat16)
+    for name, table in reference.items():
+        assert getattr(scheduler, name).dtype == torch.float32
+        assert torch.equal(getattr(scheduler, name), table), name  # recomputed, not rounded through bf16
+    model.float().save_pretrained(tmp_path)
+    loaded = LDAEForPreTraining.from_pretrained(tmp_path, dtype=torch.bfloat16).ldae.noise_scheduler
+    for name, table in reference.items():
+        assert torch.equal(getattr(loaded, name), table), name
+
+
+def snr_weightings_case(schedule: dict, prediction_type: str, weighting: str):
+    scheduler = LDAENoiseScheduler(**schedule, prediction_type=prediction_type, loss_weighting=weighting)
+    timesteps = torch.tensor([0, 1, 250, 500, 998, 999])
+    gamma, sigma = (v.double() for v in scheduler.noise_levels(timesteps))
+    return scheduler, timesteps, gamma, sigma, gamma.square() / sigma.square()
+
+
+@pytest.mark.parametrize("schedule", [dict(noise_schedule="linear_gamma_squared"), dict(noise_schedule="linear_beta"),
+                                      dict(sigma_min=0.032)])
+def test_loss_weightings_equal_their_formulas_and_snr_makes_every_loss_the_epsilon_loss(schedule):
+    vp = "noise_schedule" in schedule
+    for kind in ("sample", "epsilon") + (("v_prediction",) if vp else ()):
+        for weighting in ("default", "uniform", "snr", "min_snr"):
+            scheduler, t, gamma, sigma, snr = snr_weightings_case(schedule, kind, weighting)
+            g = 5.0
+            expected = {
+                ("sample", "default"): snr / (1 + snr), ("sample", "snr"): snr, ("sample", "min_snr"): snr.clamp(max=g),
+                ("epsilon", "min_snr"): (g / snr).clamp(max=1), ("v_prediction", "snr"): snr / (1 + snr),
+                ("v_prediction", "min_snr"): snr.clamp(max=g) / (1 + snr),
+            }.get((kind, weighting), torch.ones(len(t), dtype=torch.float64))
+            torch.testing.assert_close(scheduler.loss_weight(t).double(), expected, rtol=1e-6, atol=0,
+                                       msg=f"{kind} {weighting}")
+    # With "snr", a prediction of any kind is penalised exactly as the eps it implies is by the epsilon loss.
+    generator = torch.Generator().manual_seed(0)
+    z0, eps, guess = (torch.randn(6, 4, 8, generator=generator) for _ in range(3))
+    steps = torch.tensor([1, 100, 400, 600, 900, 998])
+    epsilon = LDAENoiseScheduler(**schedule, prediction_type="epsilon")
+    zt = epsilon.add_noise(z0, eps, steps)
+    for kind in ("sample",) + (("v_prediction",) if vp else ()):
+        scheduler = LDAENoiseScheduler(**schedule, prediction_type=kind, loss_weighting="snr")
+        implied_z0 = scheduler.predicted_original(guess, zt, steps)
+        gamma, sigma = (v[:, None, None] for v in scheduler.noise_levels(steps))
+        implied_eps = (zt - gamma * implied_z0) / sigma
+        own = scheduler.loss_weight(steps)[:, None, None] * (scheduler.target(z0, eps, steps) - guess).square()
+        torch.testing.assert_close(own.sum((1, 2)), (eps - implied_eps).square().sum((1, 2)), rtol=2e-4, atol=1e-4)
+
+
+def test_v_prediction_and_unscaled_epsilon_convert_back_to_the_clean_latent():
+    generator = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(4, 4, 8, generator=generator), torch.randn(4, 4, 8, generator=generator)
+    steps = torch.tensor([0, 300, 700, 998])
+    for schedule, kind in ((dict(noise_schedule="linear_gamma_squared"), "v_prediction"),
+                           (dict(noise_schedule="linear_beta"), "v_prediction"), (dict(sigma_min=0.032), "epsilon")):
+        scheduler = LDAENoiseScheduler(**schedule, prediction_type=kind)
+        zt = scheduler.add_noise(z0, eps, steps)
+        target = scheduler.target(z0, eps, steps)
+        if kind == "v_prediction":
+            gamma, sigma = (v[:, None, None] for v in scheduler.noise_levels(steps))
+            torch.testing.assert_close(target, gamma * eps - sigma * z0)
+        torch.testing.assert_close(scheduler.predicted_original(target, zt, steps), z0, atol=1e-4, rtol=1e-4)
+        copy = scheduler.copy_prediction(zt, steps)  # says "z0 = z_t"
+        torch.testing.assert_close(scheduler.predicted_original(copy, zt, steps), zt, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(JOURNEY_STAGES["4a"], prediction_type="v_prediction"),
+    dict(JOURNEY_STAGES["4a"], loss_weighting="snr"),
+    dict(JOURNEY_STAGES["4b"], prediction_type="epsilon", sigma_min=0.032),
+    dict(JOURNEY_STAGES["4e"], loss_weighting="min_snr", sigma_min=0.032),
+    dict(JOURNEY_STAGES["4e"], noise_schedule="linear_gamma_squared"),
+])
+def test_the_studys_options_train_and_their_copy_baseline_is_the_input(overrides, pca, cifar10_train_images):
+    model = LDAEForPreTraining(LDAEConfig(**{**TINY, **overrides}))
+    model.set_pca(*pca)
+    images = cifar10_train_images[0][:4]
+    out = model.train()(images)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.final_layer.linear.weight.grad.abs().sum() > 0  # adaLN-Zero: only the head moves first
+    with torch.no_grad():
+        out = model.eval()(images, timesteps=torch.tensor([5, 300, 600, 990]))
+        copy_loss = model.loss(out.targets, model.copy_prediction(out, 32, 32), out.timesteps)
+        out.logits = model.copy_prediction(out, 32, 32)
+        noisy = model.ldae.latent_tokenizer.decode_images(out.noisy_latents, 32, 32)
+        torch.testing.assert_close(model.denoised_images(out, 32, 32), noisy, atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(copy_loss) and copy_loss > 0
+
+
 def test_noise_bins_are_labelled_in_the_schedules_own_terms():
     unscaled = NoiseBinLosses(LDAEConfig(**TINY), every=1).names
     assert unscaled == ["loss_by_sigma/0.00-0.35", "loss_by_sigma/0.35-0.71", "loss_by_sigma/0.71-1.06",
@@ -167,14 +283,23 @@ def test_noise_bins_are_labelled_in_the_schedules_own_terms():
     (dict(tokenizer_type="conv_vae"), "denoiser_output", "tokenizer_type in ('pca', 'identity')"),
     (dict(noise_schedule="linear_beta", single_noise_level=0.5), "single_noise_level", "None with noise_schedule"),
     (dict(noise_schedule="linear_gamma_squared", sigma_max=2.0), "sigma_max", "its default sqrt(2)"),
-    (dict(prediction_type="epsilon", denoiser_output="latent"), "noise_schedule",
-     "'linear_beta' or 'linear_gamma_squared'"),
+    (dict(prediction_type="epsilon", denoiser_output="latent"), "sigma_min",
+     "> 0 with prediction_type='epsilon' and noise_schedule='linear_sigma'"),
     (dict(prediction_type="epsilon", noise_schedule="linear_beta"), "denoiser_output", "'latent'"),
     (dict(tokenizer_type="patch_vae", denoiser_output="latent", feature_input="noisy"), "feature_input", "'clean'"),
     (dict(tokenizer_type="identity"), "pca_dim", "D = 192"),
     (dict(tokenizer_type="conv_vae", pca_dim=6, denoiser_output="latent"), "pca_dim", "a multiple of 4"),
     (dict(noise_schedule="cosine"), "noise_schedule", "('linear_sigma', 'linear_beta', 'linear_gamma_squared')"),
-    (dict(prediction_type="v_prediction"), "prediction_type", "('sample', 'epsilon')"),
+    (dict(prediction_type="x0"), "prediction_type", "('sample', 'epsilon', 'v_prediction')"),
+    (dict(prediction_type="v_prediction"), "denoiser_output", "'latent' with prediction_type='v_prediction'"),
+    (dict(prediction_type="v_prediction", denoiser_output="latent"), "noise_schedule",
+     "'linear_beta' or 'linear_gamma_squared' with prediction_type='v_prediction'"),
+    (dict(loss_weighting="p2"), "loss_weighting", "('default', 'uniform', 'snr', 'min_snr')"),
+    (dict(loss_weighting="snr"), "sigma_min", "> 0 with loss_weighting='snr' and noise_schedule='linear_sigma'"),
+    (dict(noise_schedule="linear_beta", sigma_min=0.1), "sigma_min", "its default 0"),
+    (dict(sigma_min=2.0), "sigma_min", "a number in .0, sigma_max"),
+    (dict(loss_weighting="min_snr", snr_gamma=0), "snr_gamma", "a number > 0"),
+    (dict(adaln_init="normal"), "adaln_init", "('zero', 'xavier')"),
 ])
 def test_invalid_combinations_name_the_valid_choices(overrides, field, valid):
     with pytest.raises(ValueError, match=rf"`{field}`.*{valid.replace('(', '[(]').replace(')', '[)]')}"):
@@ -343,9 +468,12 @@ def test_each_stage_trains_resumes_loads_and_fine_tunes(stage, journey_data, con
         "--seed", "0"])
     assert "eval_top1" in results
     finetuned = LDAEForImageClassification.from_pretrained(tmp_path / "finetune")
-    # The tokenizer went through fine-tuning untouched (frozen); the token projection was trained.
+    # The tokenizer went through fine-tuning untouched (frozen); the token projection was trained (a linear tokenizer
+    # is folded into it by the merge: compare with the merged encoder's).
     torch.testing.assert_close(finetuned.ldae.latent_tokenizer.state_dict(), encoder.latent_tokenizer.state_dict())
-    assert not torch.equal(finetuned.ldae.embeddings.projection.weight, encoder.embeddings.projection.weight)
+    merged = encoder.merge_time_conditioning()
+    assert finetuned.config.denoiser_input == merged.config.denoiser_input
+    assert not torch.equal(finetuned.ldae.embeddings.projection.weight, merged.embeddings.projection.weight)
 
 
 def test_tokenizer_from_checks_the_settings_and_the_old_flag_still_works(journey_data, conv_vae_tokenizer, tmp_path):
@@ -400,8 +528,10 @@ def test_a_checkpoint_saved_by_ldae_0_1_0_gives_the_same_outputs(tmp_path):
         torch.testing.assert_close(value, torch.tensor(expected[name]), rtol=1e-6, atol=1e-6, msg=name)
 
 
+# 0.1.0 trained from the init it actually applied (xavier adaLN and final layer, a transformers 5 custom-code skip);
+# `adaln_init=xavier` reproduces it, so today's code must still retrace 0.1.0's run step for step.
 LDAE_0_1_0_RUN = ["--model_preset", "ldae-tiny", "--config_overrides", "hidden_size=32,num_attention_heads=2,"
-                  "num_hidden_layers=1,decoder_num_hidden_layers=1,frequency_embedding_size=32",
+                  "num_hidden_layers=1,decoder_num_hidden_layers=1,frequency_embedding_size=32,adaln_init=xavier",
                   "--per_device_train_batch_size", "16", "--dataloader_num_workers", "0", "--base_learning_rate",
                   "2e-3", "--warmup_steps", "1", "--pca_num_images", "64", "--pca_num_patches", "1024",
                   "--logging_steps", "1", "--monitor_steps", "0", "--seed", "0", "--max_steps", "4",

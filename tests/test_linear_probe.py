@@ -75,6 +75,7 @@ def cached_run(tiny_checkpoint, cifar_small, tmp_path_factory) -> tuple[Path, di
     return output_dir, main(probe_argv(tiny_checkpoint, cifar_small, output_dir, "--cache_features"))
 
 
+@pytest.mark.floor
 def test_probe_trains_only_the_head(probe_run, tiny_checkpoint):
     output_dir, results, _ = probe_run
     pretrained = load_file(tiny_checkpoint / "model.safetensors")
@@ -295,6 +296,8 @@ def _bad_checkpoint(kind: str, tiny_checkpoint: Path, folder: Path) -> Path:
         ("cifar", None, ["--load_best_model_at_end", "true", "--eval_strategy", "steps", "--save_strategy", "epoch"],
          r"--load_best_model_at_end requires the save and eval strategy to match"),
         ("cifar", None, ["--do_train", "false", "--do_eval", "false"], r"Nothing to do"),
+        # Gone: it was accepted and ignored (the installed l-DAE classes always load).
+        ("cifar", None, ["--trust_remote_code", "true"], r"not used by the HfArgumentParser: \['--trust_remote_code'"),
     ],
 )
 def test_bad_input_is_one_line_before_training(

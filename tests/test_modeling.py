@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -87,6 +88,65 @@ def test_config_bad_values(kwargs, field):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="Unknown l-DAE preset 'ldae-huge'.*ldae-tiny"):
         LDAEConfig.from_preset("ldae-huge")
+
+
+# -- initialisation ------------------------------------------------------------------------------------------------
+
+
+def assert_documented_init(model, head_std=None):
+    """DiT's adaLN-Zero (zero modulations and final layer), its normal(0.02) time MLP, and MAE's classifier head:
+    checked on the values, whatever class `model` is."""
+    base = model.base_model
+    for block in base.blocks:
+        assert not block.adaLN_modulation[-1].weight.any() and not block.adaLN_modulation[-1].bias.any()
+    for linear in (base.time_embedder.mlp[0], base.time_embedder.mlp[2]):
+        assert linear.weight.std().item() == pytest.approx(0.02, rel=0.15) and not linear.bias.any()
+    if isinstance(model, LDAEForPreTraining):
+        final = model.final_layer
+        assert not any(p.any() for p in (final.linear.weight, final.linear.bias, *final.adaLN_modulation.parameters()))
+    if head_std is not None:
+        assert model.classifier.weight.std().item() == pytest.approx(head_std, rel=0.15)
+        assert model.classifier.weight.abs().max().item() < 5 * head_std and not model.classifier.bias.any()
+
+
+HEAD_STD = {"linear_probe": 0.01, "fine_tune": 2e-5}  # MAE's probe and fine-tuning heads
+
+
+@pytest.mark.parametrize("cls", [LDAEModel, LDAEForPreTraining, LDAEForImageClassification, LDAEBackbone])
+def test_every_construction_path_applies_the_documented_init(cls):
+    from transformers import AutoBackbone, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
+
+    auto = {LDAEModel: AutoModel, LDAEForPreTraining: AutoModelForPreTraining, LDAEBackbone: AutoBackbone,
+            LDAEForImageClassification: AutoModelForImageClassification}[cls]
+    for head in HEAD_STD:
+        config = tiny_config(hidden_size=64, classifier_head=head, num_labels=10)
+        for model in (cls(config), auto.from_config(config)):
+            assert type(model) is cls
+            assert_documented_init(model, HEAD_STD[head] if cls is LDAEForImageClassification else None)
+
+
+@pytest.mark.parametrize("head", list(HEAD_STD))
+def test_a_classifier_made_from_a_pretraining_checkpoint_gets_the_documented_head(head, saved_pretraining):
+    model, path = saved_pretraining
+    from transformers import AutoModelForImageClassification
+
+    for classifier in (LDAEForImageClassification.from_pretrained(path, classifier_head=head, num_labels=10),
+                       AutoModelForImageClassification.from_pretrained(path, classifier_head=head, num_labels=10)):
+        assert classifier.classifier.weight.std().item() == pytest.approx(HEAD_STD[head], rel=0.15)
+        assert not classifier.classifier.bias.any()
+        # the loaded backbone is the checkpoint's, untouched by the init
+        for name, value in classifier.ldae.state_dict().items():
+            torch.testing.assert_close(value, model.ldae.state_dict()[name], rtol=0, atol=0, msg=name)
+
+
+def test_xavier_adaln_init_reproduces_the_init_of_ldae_0_1():
+    zero, xavier = (LDAEForPreTraining(tiny_config(hidden_size=64, adaln_init=init)) for init in ("zero", "xavier"))
+    modulation = xavier.ldae.blocks[0].adaLN_modulation[-1].weight
+    bound = math.sqrt(6 / sum(modulation.shape))
+    assert modulation.abs().max().item() == pytest.approx(bound, rel=0.05) and modulation.abs().max() <= bound
+    assert xavier.final_layer.linear.weight.abs().max().item() > 0.05
+    assert xavier.ldae.time_embedder.mlp[0].weight.std().item() > 0.05
+    assert not zero.ldae.blocks[0].adaLN_modulation[-1].weight.any()
 
 
 # -- PCA tokenizer -------------------------------------------------------------------------------------------------
@@ -209,6 +269,7 @@ def test_single_noise_level(images, pca):
     assert math.isclose(math.sqrt(2) * timesteps[0].item() / 999, math.sqrt(1 / 3), rel_tol=2e-3)
 
 
+@pytest.mark.floor
 def test_bf16_keeps_the_pca_exact(images, pca, tmp_path):
     model = pretraining_model(pca)
     reference = model.ldae.pca.components.clone()
@@ -342,13 +403,18 @@ def test_own_mlp_and_drop_path_equal_timm_layers():
     assert torch.equal(LDAEDropPath(0.3).eval()(x), x)
 
 
+@pytest.mark.floor
 def test_gradient_checkpointing_gives_the_same_gradients(images, pca):
+    from modeling_ldae.pretraining import enable_activation_checkpointing
+
     timesteps, noise = torch.randint(0, 1000, (8,)), torch.randn(8, 16, 8)
     gradients = []
     for checkpointing in (False, True):
         model = pretraining_model(pca).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no deprecated name on any supported transformers (5.25 warns)
+                enable_activation_checkpointing(model)
             assert model.ldae.blocks[0].gradient_checkpointing
         model(images, timesteps=timesteps, noise=noise).loss.backward()
         gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -379,6 +445,7 @@ def saved_pretraining(pca, tmp_path_factory):
     return model, path
 
 
+@pytest.mark.floor
 def test_save_load_equality_for_all_classes(images, saved_pretraining, tmp_path):
     model, path = saved_pretraining
     timesteps, noise = torch.randint(0, 1000, (8,)), torch.randn(8, 16, 8)
@@ -394,6 +461,7 @@ def test_save_load_equality_for_all_classes(images, saved_pretraining, tmp_path)
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
+@pytest.mark.floor
 def test_pretraining_checkpoint_loads_into_every_class(images, saved_pretraining):
     model, path = saved_pretraining
     reference = model.ldae.state_dict()
@@ -440,6 +508,7 @@ def test_missing_backbone_keys_fail_to_load(saved_pretraining, tmp_path):
         LDAEForImageClassification.from_pretrained(tmp_path / "no_pca")
 
 
+@pytest.mark.floor
 def test_merged_equals_unmerged_and_is_a_plain_vit(images, saved_pretraining, tmp_path):
     _, path = saved_pretraining
     classifier = LDAEForImageClassification.from_pretrained(path, num_labels=4).eval()
@@ -458,6 +527,27 @@ def test_merged_equals_unmerged_and_is_a_plain_vit(images, saved_pretraining, tm
     torch.testing.assert_close(reloaded(images).logits, classifier(images).logits, rtol=0, atol=0)
 
 
+@pytest.mark.floor
+def test_merging_leaves_the_shared_config_and_every_other_model_as_they_were(pca, tmp_path):
+    # Models built from one config share the object: merging one must not reach the others or the caller's.
+    config = tiny_config(num_labels=3)
+    encoder, pretraining, classifier = LDAEModel(config), LDAEForPreTraining(config), LDAEForImageClassification(config)
+    encoder.merge_time_conditioning()
+    classifier.merge_time_conditioning(timestep=20)
+    assert not config.time_conditioning_merged and config.merged_timestep is None
+    pretraining.set_pca(*pca)
+    pretraining.save_pretrained(tmp_path / "pretraining")
+    LDAEForPreTraining.from_pretrained(tmp_path / "pretraining")  # loads: its config was never merged
+    for model, timestep in ((encoder, 10), (classifier, 20)):
+        assert model.config is not config and model.config.merged_timestep == timestep
+        holders = [module for module in model.modules() if hasattr(module, "config")]
+        assert len(holders) > 3 and all(module.config is model.config for module in holders)
+    # A refused merge changes nothing.
+    with pytest.raises(ValueError, match="also holds the decoder"):
+        pretraining.merge_time_conditioning()
+    assert pretraining.config is config
+
+
 def test_vit_base_merged_parameter_count():
     with torch.device("meta"):
         model = LDAEModel(LDAEConfig.from_preset("ldae-vit-base"))
@@ -470,6 +560,7 @@ def test_vit_base_merged_parameter_count():
 # -- Auto classes, remote code, pipelines --------------------------------------------------------------------------
 
 
+@pytest.mark.floor
 def test_auto_classes_with_the_package(saved_pretraining):
     from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
 
@@ -483,7 +574,8 @@ def test_auto_classes_with_the_package(saved_pretraining):
                              "AutoBackbone"}
 
 
-def test_trust_remote_code_without_the_package_or_timm(images, saved_pretraining, tmp_path):
+@pytest.mark.floor
+def test_trust_remote_code_needs_only_torch_and_transformers(images, saved_pretraining, tmp_path):
     model, path = saved_pretraining
     checkpoint = shutil.copytree(path, tmp_path / "checkpoint")
     expected = LDAEModel.from_pretrained(path).eval()(images[:2]).pooler_output
@@ -491,26 +583,46 @@ def test_trust_remote_code_without_the_package_or_timm(images, saved_pretraining
     torch.save(images[:2], tmp_path / "images.pt")
     script = textwrap.dedent(f"""
         import sys
-        sys.modules["modeling_ldae"] = sys.modules["timm"] = None  # neither is importable in this process
+        blocked = ("modeling_ldae", "timm", "PIL", "diffusers", "torchvision")
+        for name in blocked:
+            sys.modules[name] = None  # none is importable in this process
+        import logging
         import torch
         from transformers import (AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification,
                                   AutoModelForPreTraining)
         encoder = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True).eval()
         assert type(encoder).__module__.startswith("transformers_modules"), type(encoder).__module__
         AutoModelForPreTraining.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
-        AutoModelForImageClassification.from_pretrained({str(checkpoint)!r}, trust_remote_code=True, num_labels=3)
-        # AutoBackbone.from_pretrained takes Hub names only (transformers 5.24): the class from auto_map, then its weights.
+        # The documented init under remote code too: MAE's fine-tuning head, DiT's adaLN-Zero on a fresh model.
+        classifier = AutoModelForImageClassification.from_pretrained({str(checkpoint)!r}, trust_remote_code=True,
+                                                                     num_labels=3)
+        assert 1e-5 < classifier.classifier.weight.std().item() < 4e-5, classifier.classifier.weight.std()
+        # AutoBackbone.from_pretrained takes Hub names only (every supported release): the class from auto_map, then its weights.
         config = AutoConfig.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+        fresh = AutoModelForPreTraining.from_config(config, trust_remote_code=True)
+        assert not fresh.final_layer.linear.weight.any() and not fresh.ldae.blocks[0].adaLN_modulation[-1].weight.any()
         backbone_class = type(AutoBackbone.from_config(config, trust_remote_code=True))
         backbone = backbone_class.from_pretrained({str(checkpoint)!r}, out_indices=[0, 2]).eval()
         images = torch.load({str(tmp_path / "images.pt")!r})
         torch.save((encoder(images).pooler_output, backbone(images).feature_maps), {str(tmp_path / "out.pt")!r})
-        assert "timm" not in {{name.split(".")[0] for name, module in sys.modules.items() if module is not None}}
+        # Saving without Pillow writes the model and skips the image processor, with one warning.
+        warnings = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = warnings.append
+        logging.getLogger("transformers_modules").addHandler(handler)
+        encoder.save_pretrained({str(tmp_path / "saved")!r})
+        assert [record.getMessage() for record in warnings if "Pillow" in record.getMessage()] == [
+            f"Pillow is not installed: {str(tmp_path / "saved")} holds the model without its image processor "
+            "(`pip install pillow` to save one)."], [record.getMessage() for record in warnings]
+        imported = {{name.split(".")[0] for name, module in sys.modules.items() if module is not None}}
+        assert not imported & set(blocked), imported & set(blocked)
     """)
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     pooled, maps = torch.load(tmp_path / "out.pt")
+    assert {"config.json", "model.safetensors", "modeling_ldae.py"} <= {p.name for p in (tmp_path / "saved").iterdir()}
+    assert not (tmp_path / "saved" / "preprocessor_config.json").exists()
     torch.testing.assert_close(pooled, expected)
     for got, want in zip(maps, expected_maps, strict=True):
         torch.testing.assert_close(got, want)

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForPreTraining
 
 import run_pretrain
-from conftest import recording_hub
-from modeling_ldae import LDAEConfig, LDAEForPreTraining, LDAEModel
+from conftest import recording_hub, write_cifar_subset
+from modeling_ldae import JOURNEY_STAGES, LDAEConfig, LDAEForPreTraining, LDAEModel
 from modeling_ldae.cli import InputError
 from modeling_ldae import hub
 from modeling_ldae.monitors import TrainingHook, read_metrics
@@ -105,6 +105,7 @@ def trained_run(tmp_path_factory, parquet_dir):
     return output_dir, progress, calls
 
 
+@pytest.mark.floor
 def test_end_to_end_output_loads_with_fitted_pca_and_health_signals(trained_run, parquet_dir):
     output_dir, progress, _ = trained_run
     assert progress.step == 24
@@ -257,7 +258,8 @@ def test_vit_mae_baseline_trains_through_the_same_loop(tmp_path, parquet_dir):
 
 
 @pytest.mark.parametrize("case", ["preset", "image_column", "no_images", "resume_missing", "resume_other_config",
-                                  "output_dir_taken", "tokenizer_from_missing", "save_total_limit", "hub_model_id"])
+                                  "output_dir_taken", "tokenizer_from_missing", "save_total_limit", "hub_model_id",
+                                  "unknown_config_key"])
 def test_bad_input_fails_before_any_work(case, tmp_path, parquet_dir, trained_run, capsys):
     out = tmp_path / "out"
     base = [*TINY, "--train_dir", parquet_dir, "--max_steps", 4, "--output_dir", out]
@@ -275,6 +277,8 @@ def test_bad_input_fails_before_any_work(case, tmp_path, parquet_dir, trained_ru
                                    f"--tokenizer_from {tmp_path / 'no_model'}: neither a tokenizer folder"),
         "save_total_limit": ([*base, "--save_total_limit", 0], "--save_total_limit 0 would delete the checkpoint"),
         "hub_model_id": ([*base, "--push_to_hub", "--hub_model_id", "me/two words"], "not a valid Hub repository id"),
+        "unknown_config_key": ([*base, "--config_overrides", "pca_dim=8,loss_weigthing=snr"],
+                               "LDAEConfig has no key 'loss_weigthing' (did you mean 'loss_weighting'?)"),
     }[case]
     with pytest.raises(SystemExit) as failure:
         run(argv)
@@ -325,7 +329,7 @@ def test_two_processes_each_example_once_per_epoch(tmp_path, parquet_dir):
     assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-16"]
 
 
-RECIPES = sorted((REPO_ROOT / "configs" / "pretrain").glob("ldae-*.yaml"))
+RECIPES = sorted((REPO_ROOT / "configs" / "pretrain").glob("ldae-vit-*.yaml"))  # the paper's ImageNet recipes
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
@@ -343,6 +347,24 @@ def test_mae_baseline_recipe_builds_vit_mae_at_256px():
     config = build_model(model_args).config
     assert config.model_type == "vit_mae" and config.image_size == 256 and config.hidden_size == 768
     assert args.per_device_train_batch_size * 8 == 2048 and args.num_train_epochs == 400
+
+
+def test_cifar10_recipe_is_the_studies_regime_and_trains(tmp_path, cifar10_dir):
+    recipe = REPO_ROOT / "configs" / "pretrain" / "ldae-cifar10-recipe.yaml"
+    model_args, _, args = run_pretrain.parse_args([str(recipe), "--output_dir", str(tmp_path)])
+    assert (args.per_device_train_batch_size, args.base_learning_rate, args.max_steps, args.warmup_steps,
+            args.lr_scheduler_type) == (32, 8e-3, 3099, 154, "cosine")
+    output_dir = tmp_path / "out"
+    run([recipe, "--dataset_name", write_cifar_subset(cifar10_dir, tmp_path / "data", 64, 16), "--output_dir",
+         output_dir, "--max_steps", 2, "--warmup_steps", 1, "--pca_num_images", 64, "--monitor_steps", 0,
+         "--dataloader_num_workers", 0, "--save_steps", 0, "--logging_steps", 1])
+    config = LDAEConfig.from_pretrained(output_dir)
+    expected = {**JOURNEY_STAGES[model_args.journey_stage], "image_size": 32, "patch_size": 8, "pca_dim": 8,
+                "hidden_size": 192, "num_hidden_layers": 4, "decoder_num_hidden_layers": 4, "num_attention_heads": 3,
+                "intermediate_size": 768, "adaln_init": "zero"}
+    assert {key: getattr(config, key) for key in expected} == expected
+    assert [m["step"] for m in read_metrics(output_dir) if "train/loss" in m] == [1, 2]
+    assert AutoModelForPreTraining.from_pretrained(output_dir).ldae.pca.is_fitted
 
 
 # ---------------------------------------------------------------------------------------------------- faults
