@@ -20,7 +20,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import GradientAccumulationPlugin, set_seed
 from transformers import HfArgumentParser, get_scheduler
 
-from modeling_ldae import checkpointing, hub, monitors, pretraining, tokenizers
+from modeling_ldae import checkpointing, hub, monitors, ownership, pretraining, tokenizers
 from modeling_ldae.cli import InputError, parse_arguments, report_errors
 from modeling_ldae.data import (
     EVAL_SPLIT_CANDIDATES,
@@ -44,6 +44,7 @@ from modeling_ldae.pretraining import (
 )
 
 logger = logging.getLogger("run_pretrain")
+PROG = "run_pretrain.py"
 
 
 @dataclass
@@ -307,16 +308,27 @@ def evaluation_split(data, data_args) -> str | None:
 
 
 def pretrain(model_args, data_args, args, hooks=()) -> monitors.LoopState | None:
-    """The whole run: checks, data, model, stage 1 (the PCA tokenizer), stage 2 (the loop), the final model. Returns
+    """The whole run: checks, the output folder taken (`modeling_ldae.ownership`), then `pretrain_into` it. Returns
     the final loop state; None when `--resume_from_checkpoint latest` finds the run finished."""
     check_arguments(model_args, args)
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args, output_dir)
+    ownership.check_one_job(accelerator.num_processes, PROG)
+    # A requeued pre-emptible job (`latest`) waits for the run it replaces to save its last checkpoint.
+    with ownership.own_output_dir(output_dir, PROG, wait_for_draining=args.resume_from_checkpoint == "latest") as owner:
+        return pretrain_into(owner, accelerator, model_args, data_args, args, hooks)
+
+
+def pretrain_into(owner: ownership.Ownership, accelerator: Accelerator, model_args, data_args, args,
+                  hooks=()) -> monitors.LoopState | None:
+    """Data, model, stage 1 (the tokenizer), stage 2 (the loop), the final model, in the folder `owner` holds."""
     output_dir = Path(args.output_dir)
     try:
         resume_from = checkpointing.resume_checkpoint(output_dir, args.resume_from_checkpoint)
     except checkpointing.RunFinished as finished:
         logger.warning("%s", finished)
+        accelerator.end_training()
         return None
-    accelerator = make_accelerator(args, output_dir)
     set_seed(args.seed)
     model = build_model(model_args)
     image_size = square_image_size(model)
@@ -371,12 +383,14 @@ def pretrain(model_args, data_args, args, hooks=()) -> monitors.LoopState | None
                 data.num_examples if data.num_examples is not None else "unknown number of", num_workers)
 
     def save_checkpoint(state):
+        owner.ensure_owned()
         state.last_checkpoint = checkpointing.save_checkpoint(
             accelerator, model, output_dir, state.step, (state.epoch, state.batch_in_epoch),
-            {**layout, "last_loss": state.last_loss}, args.save_total_limit, image_size)
+            {**layout, "last_loss": state.last_loss, "launch_id": owner.launch_id}, args.save_total_limit, image_size)
 
     window = pretraining.LossWindow(accelerator.device)
-    with pretraining.StopRequest() as stop, monitors.ProgressBar(max_steps, state.step, accelerator) as bar:
+    with pretraining.StopRequest(on_signal=owner.drain) as stop, \
+            monitors.ProgressBar(max_steps, state.step, accelerator) as bar:
         while state.step < max_steps and not stop.agreed:
             train_one_epoch(model, loader, optimizer, scheduler, state, window, args, max_steps, [*hooks, bar], stop,
                             save_checkpoint)
@@ -388,6 +402,7 @@ def pretrain(model_args, data_args, args, hooks=()) -> monitors.LoopState | None
                          repo_id=repo_id, steps=state.step, global_batch=global_batch, last_loss=state.last_loss,
                          knn_top1=next((h.last_top1 for h in hooks if isinstance(h, monitors.KnnMonitor)), None),
                          arguments=arguments)
+    owner.ensure_owned()
     save_final_model(accelerator, model, output_dir, image_size, write_card)
     if args.push_to_hub and accelerator.is_main_process:
         info = hub.push_to_hub(output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
@@ -400,7 +415,7 @@ def pretrain(model_args, data_args, args, hooks=()) -> monitors.LoopState | None
 
 def main(argv=None, hooks=()):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    with report_errors("run_pretrain.py"):
+    with report_errors(PROG):
         return pretrain(*parse_args(argv), hooks=hooks)
 
 

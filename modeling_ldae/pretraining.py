@@ -20,6 +20,7 @@ import math
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -251,12 +252,14 @@ def fit_pca(config, data: TrainingData, image_size: int, num_images: int, num_pa
 
 
 class StopRequest:
-    """SIGTERM / SIGINT handling for the loop: a signal only sets a flag; every step the processes all-reduce their
-    flags (and their non-finite loss counts), so that all stop at the same step, checkpoint and exit together."""
+    """SIGTERM / SIGINT handling for the loop: a signal only sets a flag (and calls `on_signal`, which must be as
+    quick: the output folder's owner marks itself draining); every step the processes all-reduce their flags (and
+    their non-finite loss counts), so that all stop at the same step, checkpoint and exit together."""
 
-    def __init__(self):
+    def __init__(self, on_signal: Callable[[], None] = lambda: None):
         self.signal: int | None = None  # received by this process
         self.agreed = False  # some process received one: stop after this step
+        self.on_signal = on_signal
 
     def __enter__(self) -> StopRequest:
         self._previous = {sig: signal.signal(sig, self._receive) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -268,6 +271,7 @@ class StopRequest:
 
     def _receive(self, signum, frame):
         self.signal = signum
+        self.on_signal()
 
     def synchronize(self, accelerator: Accelerator, nonfinite: torch.Tensor, step: int, latest: Path | None):
         stop, bad = accelerator.reduce(torch.stack([torch.tensor(float(self.signal is not None),

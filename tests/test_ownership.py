@@ -1,0 +1,224 @@
+"""One run owns its output folder (`modeling_ldae.ownership`): real concurrent launches, kill -9 and SIGTERM on
+real `run_pretrain.py` processes (CIFAR-10, `ldae-tiny`), owners on other hosts as their owner file records them,
+and launches whose processes do not form one job."""
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import run_linear_probe
+import run_pretrain
+from conftest import reset_accelerate_state, write_cifar_subset
+
+OWNER_FILE = ".ldae-owner.json"  # what the folder records: read here as a user would
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--model_preset", "ldae-tiny", "--per_device_train_batch_size", "16", "--dataloader_num_workers", "0",
+    "--base_learning_rate", "2e-3", "--warmup_steps", "2", "--logging_steps", "2", "--monitor_steps", "0",
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
+       "HF_DATASETS_OFFLINE": "1"}
+
+# A real run that pauses after optimizer step PAUSE_AT (after that step's checkpoint) until the test lets it go on.
+PAUSING_RUN = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+import run_pretrain
+from modeling_ldae.monitors import TrainingHook
+
+class Pause(TrainingHook):
+    def on_step(self, state):
+        if state.step == {step}:
+            Path({paused!r}).touch()
+            while not Path({go!r}).exists():
+                time.sleep(0.05)
+        return {{}}
+
+run_pretrain.main(sys.argv[1:], hooks=[Pause()])
+"""
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+@pytest.fixture(scope="module")
+def cifar_subset(tmp_path_factory, cifar10_dir) -> Path:
+    return write_cifar_subset(cifar10_dir, tmp_path_factory.mktemp("cifar_subset"), num_train=64, num_eval=16)
+
+
+@pytest.fixture
+def arguments(tmp_path, cifar_subset, tiny_checkpoint):
+    """The run's flags (4 steps an epoch), its output folder and a function starting it as a pausing process."""
+    out = tmp_path / "out"
+    argv = [*TINY, "--train_dir", cifar_subset, "--tokenizer_from", tiny_checkpoint, "--output_dir", out]
+
+    def start_pausing(pause_at: int, *extra) -> tuple[subprocess.Popen, Path]:
+        paused, go = tmp_path / "paused", tmp_path / "go"
+        script = tmp_path / "pausing_run.py"
+        script.write_text(PAUSING_RUN.format(repo=str(REPO_ROOT), step=pause_at, paused=str(paused), go=str(go)))
+        process = subprocess.Popen([sys.executable, str(script), *map(str, [*argv, *extra])], env=ENV, cwd=REPO_ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not paused.exists():
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        return process, go
+
+    return argv, out, start_pausing
+
+
+def run(argv):
+    return run_pretrain.main([str(a) for a in argv])
+
+
+def launch_ids(out: Path) -> dict[str, str]:
+    return {p.name: json.loads((p / "trainer_state.json").read_text())["launch_id"]
+            for p in sorted(out.glob("checkpoint-*"))}
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def test_a_second_launch_into_a_live_run_exits_2_at_once_and_writes_nothing(arguments, capsys):
+    argv, out, start_pausing = arguments
+    first, go = start_pausing(2, "--max_steps", 6, "--save_steps", 2)
+    try:
+        owner = json.loads((out / OWNER_FILE).read_text())
+        assert owner["pid"] == first.pid and owner["host"] == socket.gethostname()
+        before = snapshot(out)
+        # The pre-emptible pattern (`latest`), then a fresh run with another seed: both refused, neither writes.
+        for extra in (["--resume_from_checkpoint", "latest"], ["--seed", 1]):
+            started = time.monotonic()
+            with pytest.raises(SystemExit) as refused:
+                run([*argv, "--max_steps", 6, "--save_steps", 2, *extra])
+            assert refused.value.code == 2 and time.monotonic() - started < 10
+            (line,) = capsys.readouterr().err.strip().splitlines()
+            assert line.startswith(f"run_pretrain.py: error: {out} is in use by run_pretrain.py pid {first.pid} on "
+                                   f"{socket.gethostname()}")
+            assert "last sign of life" in line and OWNER_FILE in line
+            assert snapshot(out) == before
+            reset_accelerate_state()
+    finally:
+        go.touch()
+        _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr[-3000:]
+    assert set(launch_ids(out)) == {"checkpoint-2", "checkpoint-4", "checkpoint-6"}
+    assert set(launch_ids(out).values()) == {owner["launch_id"]}  # every checkpoint is the first run's
+    assert not (out / OWNER_FILE).exists()  # released at the end
+
+
+def test_a_run_killed_with_9_is_taken_over_by_the_next_resume_latest(arguments, caplog):
+    argv, out, start_pausing = arguments
+    caplog.set_level(logging.INFO)
+    killed, _ = start_pausing(4, "--max_steps", 8, "--save_steps", 4)
+    killed.kill()
+    killed.communicate()
+    left = json.loads((out / OWNER_FILE).read_text())
+    assert left["pid"] == killed.pid  # nothing could release it
+
+    progress = run([*argv, "--max_steps", 8, "--save_steps", 4, "--resume_from_checkpoint", "latest"])
+    assert progress.step == 8
+    assert f"Taking over {out} from run_pretrain.py pid {killed.pid}" in caplog.text
+    assert f"process {killed.pid} no longer exists on this host" in caplog.text
+    assert f"Resumed from {out / 'checkpoint-4'} at step 4" in caplog.text
+    ids = launch_ids(out)
+    assert ids["checkpoint-4"] == left["launch_id"] != ids["checkpoint-8"]
+    assert (out / "config.json").exists() and not (out / OWNER_FILE).exists()
+
+
+def test_a_requeued_launch_waits_for_the_sigtermed_owner_then_resumes_from_its_checkpoint(arguments, caplog):
+    argv, out, start_pausing = arguments
+    caplog.set_level(logging.INFO)
+    stopping, go = start_pausing(3, "--max_steps", 8, "--save_steps", 4)
+    stopping.send_signal(signal.SIGTERM)  # the scheduler pre-empts it, and requeues the job at once
+    deadline = time.monotonic() + 30
+    while json.loads((out / OWNER_FILE).read_text())["state"] != "draining":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    threading.Timer(2, go.touch).start()  # it goes on to its stop step, checkpoints and exits
+    progress = run([*argv, "--max_steps", 8, "--save_steps", 4, "--resume_from_checkpoint", "latest"])
+    _, stderr = stopping.communicate(timeout=60)
+    assert stopping.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "which is saving its last checkpoint after a stop signal: waiting up to 600 s" in caplog.text
+    # The processes agree to stop at the step after the signal: step 4, whose checkpoint the new launch resumes.
+    assert f"Resumed from {out / 'checkpoint-4'} at step 4" in caplog.text
+    assert progress.step == 8 and (out / "config.json").exists()
+
+
+def _record(**values) -> dict:
+    now = time.time()
+    return {"host": "node-b", "pid": 4242, "launch_id": "0123456789ab", "started": now - 600, "heartbeat": now,
+            "state": "running", "program": "run_pretrain.py", **values}
+
+
+@pytest.mark.parametrize("record, env, refusal", [
+    (_record(), {}, "is in use by run_pretrain.py pid 4242 on node-b (launch 0123456789ab"),
+    (_record(state="draining"), {"LDAE_DRAIN_TIMEOUT": "1"},
+     "is still owned by run_pretrain.py pid 4242 on node-b (launch 0123456789ab"),
+    (_record(heartbeat=time.time() - 3600), {}, None),  # its node was lost an hour ago
+    (_record(), {"LDAE_TAKE_OVER": "1"}, None),  # the override by hand
+], ids=["live", "draining-too-long", "stale", "take-over"])
+def test_an_owner_on_another_host_blocks_while_it_shows_signs_of_life(record, env, refusal, arguments, monkeypatch,
+                                                                     capsys, caplog):
+    argv, out, _ = arguments
+    out.mkdir()
+    (out / OWNER_FILE).write_text(json.dumps(record))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    argv = [*argv, "--max_steps", 2, "--save_steps", 2, "--resume_from_checkpoint", "latest"]
+    if refusal is None:
+        assert run(argv).step == 2
+        assert f"Taking over {out} from run_pretrain.py pid 4242 on node-b" in caplog.text
+        assert not (out / OWNER_FILE).exists() and (out / "config.json").exists()
+        return
+    with pytest.raises(SystemExit) as refused:
+        run(argv)
+    assert refused.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"run_pretrain.py: error: {out} {refusal}")
+    assert sorted(p.name for p in out.iterdir()) == [OWNER_FILE]
+    assert json.loads((out / OWNER_FILE).read_text()) == record
+
+
+def test_the_evaluation_scripts_own_their_output_folder_too(tmp_path, cifar_subset, tiny_checkpoint, capsys):
+    out = tmp_path / "probe"
+    out.mkdir()
+    (out / OWNER_FILE).write_text(json.dumps(_record(program="run_linear_probe.py")))
+    with pytest.raises(SystemExit) as refused:
+        run_linear_probe.main([
+            "--model_name_or_path", str(tiny_checkpoint), "--train_dir", str(cifar_subset), "--output_dir", str(out),
+            "--do_train", "--max_steps", "1", "--report_to", "none",
+        ])
+    assert refused.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert line.startswith(f"run_linear_probe.py: error: {out} is in use by run_linear_probe.py pid 4242 on node-b")
+    assert sorted(p.name for p in out.iterdir()) == [OWNER_FILE]
+
+
+def test_processes_that_do_not_form_one_job_exit_2_before_writing(tmp_path, cifar_subset, tiny_checkpoint):
+    """torchrun without GPUs starts processes that each see one process: two copies of the run."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO_ROOT / "run_pretrain.py"),
+         *TINY, "--train_dir", str(cifar_subset), "--tokenizer_from", str(tiny_checkpoint), "--max_steps", "2",
+         "--output_dir", str(out)],
+        env=ENV, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("run_pretrain.py: error:")]
+    assert len(errors) == 1, result.stderr[-3000:]  # one line, from rank 0
+    assert "2 processes were launched, but Accelerate runs 1" in errors[0]
+    assert "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 run_pretrain.py" in errors[0]
+    assert "exitcode  : 2" in result.stderr  # torchrun's report of each copy
+    assert not out.exists()
