@@ -168,6 +168,10 @@ class PretrainingArguments:
     )
     num_pca_picture_components: int = field(default=64)
     logging_steps: int = field(default=50)
+    disable_tqdm: bool | None = field(
+        default=None, metadata={"help": "Turn the progress bars off (true) or on (false); default: on only where "
+                                "stderr is a terminal (a batch job's log gets the logged lines instead)."}
+    )
     monitor_steps: int | None = field(
         default=1000, metadata={"help": "Held-out loss on a fixed (t, noise) grid + denoising picture every N steps."}
     )
@@ -290,7 +294,7 @@ def stage_one(model, model_args, data_args, args, data, image_size, num_workers,
         return decode(first_rows(data.source, chosen, data.image_column, count))["pixel_values"]
 
     fit = partial(fit_pca, model.config, data, image_size, args.pca_num_images, args.pca_num_patches,
-                  args.per_device_train_batch_size, num_workers, args.seed, accelerator)
+                  args.per_device_train_batch_size, num_workers, args.seed, accelerator, args.disable_tqdm)
     loader = partial(make_train_loader, data, args, image_size, num_workers, accelerator.process_index)
     how, figures = tokenizers.prepare_tokenizer(model, model_args.tokenizer_from, fit, loader, read_images, args,
                                                 accelerator, output_dir, model_args.cache_dir, model_args.token)
@@ -390,7 +394,7 @@ def pretrain_into(owner: ownership.Ownership, accelerator: Accelerator, model_ar
 
     window = pretraining.LossWindow(accelerator.device)
     with pretraining.StopRequest(on_signal=owner.drain) as stop, \
-            monitors.ProgressBar(max_steps, state.step, accelerator) as bar:
+            monitors.ProgressBar(max_steps, state.step, accelerator, args.disable_tqdm) as bar:
         while state.step < max_steps and not stop.agreed:
             train_one_epoch(model, loader, optimizer, scheduler, state, window, args, max_steps, [*hooks, bar], stop,
                             save_checkpoint)

@@ -175,13 +175,10 @@ class Ownership:
     def __init__(self, output_dir: Path, record: OwnerRecord | None):
         self.path = output_dir / OWNER_FILE
         self.record = record
+        self.launch_id = record.launch_id if record else None
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
-
-    @property
-    def launch_id(self) -> str | None:
-        return self.record.launch_id if self.record else None
 
     def _write_temporary(self) -> Path:
         temporary = self.path.with_name(f"{OWNER_FILE}.{self.record.launch_id}.tmp")
@@ -298,10 +295,12 @@ def own_output_dir(output_dir: str | Path, program: str, wait_for_draining: bool
             ownership = _acquire(Path(output_dir), program, state.num_processes, wait_for_draining)
         except InputError as error:
             refusal = str(error)
+    launch_id = ownership.launch_id
     if state.num_processes > 1:
-        refusal = broadcast_object_list([refusal])[0]
+        refusal, launch_id = broadcast_object_list([refusal, launch_id])
     if refusal is not None:
         raise InputError(refusal)
+    ownership.launch_id = launch_id  # every process labels what it writes
     restore = _exit_on_sigterm()
     try:
         yield ownership

@@ -83,7 +83,7 @@ def run(argv):
 
 def launch_ids(out: Path) -> dict[str, str]:
     return {p.name: json.loads((p / "trainer_state.json").read_text())["launch_id"]
-            for p in sorted(out.glob("checkpoint-*"))}
+            for p in sorted(out.glob("checkpoint-*")) if p.name.removeprefix("checkpoint-").isdigit()}
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -222,3 +222,57 @@ def test_processes_that_do_not_form_one_job_exit_2_before_writing(tmp_path, cifa
     assert "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 run_pretrain.py" in errors[0]
     assert "exitcode  : 2" in result.stderr  # torchrun's report of each copy
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------- issue 17, 7
+
+
+class FailAfter:
+    """A hook that ends the run with an error after optimizer step `step` (a crash, after that step's checkpoint)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_batch(self, state, batch, outputs, weight):
+        pass
+
+    def on_step(self, state):
+        if state.step == self.step:
+            raise RuntimeError("node lost")
+        return {}
+
+
+def test_an_unreadable_checkpoint_is_skipped_by_latest_and_named_when_asked_for(arguments, capsys, caplog):
+    argv, out, _ = arguments
+    argv = [*argv, "--max_steps", 6, "--save_steps", 2]
+    with pytest.raises(SystemExit):
+        run_pretrain.main([str(a) for a in argv], hooks=[FailAfter(4)])
+    damaged = out / "checkpoint-4" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:6])  # truncated, as by a full disk
+    reset_accelerate_state()
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as refused:
+        run([*argv, "--resume_from_checkpoint", out / "checkpoint-4"])
+    assert refused.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"run_pretrain.py: error: --resume_from_checkpoint {out / 'checkpoint-4'}: {damaged} is unreadable "
+                    "(Error while deserializing header: header too small); the newest readable checkpoint is "
+                    f"{out / 'checkpoint-2'}.")
+    reset_accelerate_state()
+
+    caplog.set_level(logging.INFO)
+    assert run([*argv, "--resume_from_checkpoint", "latest"]).step == 6
+    assert f"Skipping {out / 'checkpoint-4'}: {damaged} is unreadable" in caplog.text
+    assert f"Resumed from {out / 'checkpoint-2'} at step 2" in caplog.text
+    # Nothing deleted: the damaged checkpoint is kept beside the one written anew at step 4.
+    (kept,) = out.glob("checkpoint-4.replaced-*")
+    assert (kept / "model.safetensors").stat().st_size == 6
+    assert sorted(launch_ids(out)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+
+@pytest.mark.parametrize("flag, bar_shown", [([], False), (["--disable_tqdm", "false"], True)])
+def test_no_progress_bar_in_a_log_file_unless_asked_for(flag, bar_shown, arguments, capsys):
+    argv, out, _ = arguments
+    run([*argv, "--max_steps", 2, "--save_steps", 0, *flag])  # stderr is captured here: not a terminal
+    assert ("pre-training: 100%" in capsys.readouterr().err) == bar_shown
