@@ -39,7 +39,7 @@ from transformers.trainer_utils import seed_worker
 
 from . import data as ldae_data
 from . import hub
-from .cli import InputError
+from .cli import InputError, progress_bar_disabled
 from .configuration_ldae import JOURNEY_STAGES, LDAEConfig
 from .monitors import LoopState
 from .pca import PatchPCAAccumulator, explained_variance_ratio
@@ -225,7 +225,7 @@ def make_train_loader(data: TrainingData, args, image_size: int, num_workers: in
 
 
 def fit_pca(config, data: TrainingData, image_size: int, num_images: int, num_patches: int, batch_size: int,
-            num_workers: int, seed: int, accelerator: Accelerator):
+            num_workers: int, seed: int, accelerator: Accelerator, disable_tqdm: bool | None = None):
     """Fit the patch-wise PCA on `num_patches` random patches of `num_images` random training images (center
     crops), each process reading its share, exact float64 sums added across processes. Returns (mean, components,
     eigenvalues, a description for the log)."""
@@ -241,7 +241,7 @@ def fit_pca(config, data: TrainingData, image_size: int, num_images: int, num_pa
     loader = make_loader(sample, collator, batch_size, num_workers, accelerator.process_index)
     accumulator = PatchPCAAccumulator(config.patch_size, config.num_channels, device=accelerator.device)
     generator = torch.Generator().manual_seed(seed + accelerator.process_index)
-    for batch in tqdm(loader, desc="PCA", disable=not accelerator.is_local_main_process):
+    for batch in tqdm(loader, desc="PCA", disable=progress_bar_disabled(disable_tqdm, accelerator)):
         if batch is not None:
             accumulator.update(batch["pixel_values"].to(accelerator.device), patches_per_image, generator)
     accumulator.reduce(lambda tensor: accelerator.reduce(tensor, "sum"))
