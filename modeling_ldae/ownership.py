@@ -6,7 +6,8 @@ systems). The file says who owns the folder (host, pid, launch id, when it start
 (a heartbeat the main process refreshes every `LDAE_OWNER_TIMEOUT / 8` seconds from a background thread):
 
 - created with `os.link` from a complete temporary file: exclusive (it fails if the file exists) and atomic on
-  local and network file systems (the lock-file recipe of NFS), and the file never exists half-written;
+  local and network file systems (the lock-file recipe of NFS), and the file never exists half-written (where a
+  file system has no hard links, `O_CREAT | O_EXCL`, and a reader takes the file being written for a live owner);
 - refreshed with `os.replace` of a complete temporary file, after checking it is still this launch's;
 - deleted when the run exits (normally, on an error, on SIGTERM / SIGINT: a SIGTERM outside the training loop ends
   the run through `SystemExit` so that the file is released).
@@ -177,6 +178,7 @@ class Ownership:
         self.record = record
         self.launch_id = record.launch_id if record else None
         self._wake = threading.Event()
+        self._writing = threading.Lock()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -193,6 +195,14 @@ class Ownership:
             return True
         except FileExistsError:
             return False
+        except OSError:  # a file system without hard links: exclusive creation, then the content
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            with os.fdopen(descriptor, "w") as file:  # meanwhile a reader finds it new and unreadable: live
+                file.write(temporary.read_text())
+            return True
         finally:
             temporary.unlink()
 
@@ -201,10 +211,11 @@ class Ownership:
         return current is not None and current.launch_id == self.record.launch_id
 
     def refresh(self) -> None:
-        if not self.still_owned():
-            return
-        self.record.heartbeat = time.time()
-        os.replace(self._write_temporary(), self.path)
+        with self._writing:  # one temporary file name: one writer at a time
+            if not self.still_owned():
+                return
+            self.record.heartbeat = time.time()
+            os.replace(self._write_temporary(), self.path)
 
     def start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="ldae-owner-heartbeat", daemon=True)

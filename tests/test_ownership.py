@@ -276,3 +276,23 @@ def test_no_progress_bar_in_a_log_file_unless_asked_for(flag, bar_shown, argumen
     argv, out, _ = arguments
     run([*argv, "--max_steps", 2, "--save_steps", 0, *flag])  # stderr is captured here: not a terminal
     assert ("pre-training: 100%" in capsys.readouterr().err) == bar_shown
+
+
+def test_ownership_without_hard_links_is_still_exclusive(tmp_path, monkeypatch):
+    """Some shared file systems refuse hard links: the owner file is then created with O_CREAT | O_EXCL."""
+    from modeling_ldae.cli import InputError
+    from modeling_ldae.ownership import own_output_dir
+
+    def no_links(source, target):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    with own_output_dir(tmp_path / "out", "run_pretrain.py") as owner:
+        assert json.loads((tmp_path / "out" / OWNER_FILE).read_text())["launch_id"] == owner.launch_id
+        monkeypatch.setenv("LDAE_OWNER_TIMEOUT", "3600")
+        record = json.loads((tmp_path / "out" / OWNER_FILE).read_text())
+        (tmp_path / "out" / OWNER_FILE).write_text(json.dumps({**record, "host": "node-b", "launch_id": "b"}))
+        with pytest.raises(InputError, match="is in use by run_pretrain.py pid"):
+            with own_output_dir(tmp_path / "out", "run_pretrain.py"):
+                pass
+    assert (tmp_path / "out" / OWNER_FILE).exists()  # another launch's file (node-b): never deleted by this one
