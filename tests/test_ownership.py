@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 
@@ -32,6 +33,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_H
 PAUSING_RUN = """
 import sys, time
 from pathlib import Path
+from unittest.mock import ANY
 sys.path.insert(0, {repo!r})
 import run_pretrain
 from modeling_ldae.monitors import TrainingHook
@@ -296,3 +298,23 @@ def test_ownership_without_hard_links_is_still_exclusive(tmp_path, monkeypatch):
             with own_output_dir(tmp_path / "out", "run_pretrain.py"):
                 pass
     assert (tmp_path / "out" / OWNER_FILE).exists()  # another launch's file (node-b): never deleted by this one
+
+
+def test_a_run_whose_folder_was_taken_over_stops_without_writing_there(arguments, capsys):
+    argv, out, _ = arguments
+
+    class TakenOverAt:  # another node's launch takes the folder over (LDAE_TAKE_OVER=1, or a stalled heartbeat)
+        def on_batch(self, state, batch, outputs, weight):
+            pass
+
+        def on_step(self, state):
+            if state.step == 3:
+                (out / OWNER_FILE).write_text(json.dumps(_record()))
+            return {}
+
+    with pytest.raises(SystemExit) as stopped:
+        run_pretrain.main([str(a) for a in [*argv, "--max_steps", 6, "--save_steps", 2]], hooks=[TakenOverAt()])
+    assert stopped.value.code == 1
+    assert f"{out} is now owned by run_pretrain.py pid 4242 on node-b" in capsys.readouterr().err.splitlines()[-1]
+    assert sorted(launch_ids(out)) == ["checkpoint-2"] and not (out / "config.json").exists()
+    assert json.loads((out / OWNER_FILE).read_text()) == _record() | {"started": ANY, "heartbeat": ANY}
