@@ -1,6 +1,7 @@
-"""One run owns its output folder (`modeling_ldae.ownership`): real concurrent launches, kill -9 and SIGTERM on
-real `run_pretrain.py` processes (CIFAR-10, `ldae-tiny`), owners on other hosts as their owner file records them,
-and launches whose processes do not form one job."""
+"""Runs as a pre-emptible cluster runs them. One run owns its output folder (`modeling_ldae.ownership`): real
+concurrent launches, kill -9 and SIGTERM on real `run_pretrain.py` processes (CIFAR-10, `ldae-tiny`), owners on
+other hosts as their owner file records them, launches whose processes do not form one job. Then a damaged
+checkpoint, and progress bars in a batch job's log."""
 
 import json
 import logging
@@ -226,7 +227,47 @@ def test_processes_that_do_not_form_one_job_exit_2_before_writing(tmp_path, cifa
     assert not out.exists()
 
 
-# ---------------------------------------------------------------------------------------------------- issue 17, 7
+def test_ownership_without_hard_links_is_still_exclusive(tmp_path, monkeypatch):
+    """Some shared file systems refuse hard links: the owner file is then created with O_CREAT | O_EXCL."""
+    from modeling_ldae.cli import InputError
+    from modeling_ldae.ownership import own_output_dir
+
+    def no_links(source, target):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    with own_output_dir(tmp_path / "out", "run_pretrain.py") as owner:
+        assert json.loads((tmp_path / "out" / OWNER_FILE).read_text())["launch_id"] == owner.launch_id
+        monkeypatch.setenv("LDAE_OWNER_TIMEOUT", "3600")
+        record = json.loads((tmp_path / "out" / OWNER_FILE).read_text())
+        (tmp_path / "out" / OWNER_FILE).write_text(json.dumps({**record, "host": "node-b", "launch_id": "b"}))
+        with pytest.raises(InputError, match="is in use by run_pretrain.py pid"):
+            with own_output_dir(tmp_path / "out", "run_pretrain.py"):
+                pass
+    assert (tmp_path / "out" / OWNER_FILE).exists()  # another launch's file (node-b): never deleted by this one
+
+
+def test_a_run_whose_folder_was_taken_over_stops_without_writing_there(arguments, capsys):
+    argv, out, _ = arguments
+
+    class TakenOverAt:  # another node's launch takes the folder over (LDAE_TAKE_OVER=1, or a stalled heartbeat)
+        def on_batch(self, state, batch, outputs, weight):
+            pass
+
+        def on_step(self, state):
+            if state.step == 3:
+                (out / OWNER_FILE).write_text(json.dumps(_record()))
+            return {}
+
+    with pytest.raises(SystemExit) as stopped:
+        run_pretrain.main([str(a) for a in [*argv, "--max_steps", 6, "--save_steps", 2]], hooks=[TakenOverAt()])
+    assert stopped.value.code == 1
+    assert f"{out} is now owned by run_pretrain.py pid 4242 on node-b" in capsys.readouterr().err.splitlines()[-1]
+    assert sorted(launch_ids(out)) == ["checkpoint-2"] and not (out / "config.json").exists()
+    assert json.loads((out / OWNER_FILE).read_text()) == _record() | {"started": ANY, "heartbeat": ANY}
+
+
+# ---------------------------------------------------------------------------------------------------- damage, logs
 
 
 class FailAfter:
@@ -280,41 +321,12 @@ def test_no_progress_bar_in_a_log_file_unless_asked_for(flag, bar_shown, argumen
     assert ("pre-training: 100%" in capsys.readouterr().err) == bar_shown
 
 
-def test_ownership_without_hard_links_is_still_exclusive(tmp_path, monkeypatch):
-    """Some shared file systems refuse hard links: the owner file is then created with O_CREAT | O_EXCL."""
-    from modeling_ldae.cli import InputError
-    from modeling_ldae.ownership import own_output_dir
+@pytest.mark.parametrize("flag, disabled", [([], True), (["--disable_tqdm", "false"], False)])
+def test_the_evaluation_scripts_show_no_bar_in_a_log_file_unless_asked_for(flag, disabled):
+    from transformers import HfArgumentParser
 
-    def no_links(source, target):
-        raise PermissionError(1, "Operation not permitted")
+    from modeling_ldae.classification import LinearProbeTrainingArguments
 
-    monkeypatch.setattr(os, "link", no_links)
-    with own_output_dir(tmp_path / "out", "run_pretrain.py") as owner:
-        assert json.loads((tmp_path / "out" / OWNER_FILE).read_text())["launch_id"] == owner.launch_id
-        monkeypatch.setenv("LDAE_OWNER_TIMEOUT", "3600")
-        record = json.loads((tmp_path / "out" / OWNER_FILE).read_text())
-        (tmp_path / "out" / OWNER_FILE).write_text(json.dumps({**record, "host": "node-b", "launch_id": "b"}))
-        with pytest.raises(InputError, match="is in use by run_pretrain.py pid"):
-            with own_output_dir(tmp_path / "out", "run_pretrain.py"):
-                pass
-    assert (tmp_path / "out" / OWNER_FILE).exists()  # another launch's file (node-b): never deleted by this one
-
-
-def test_a_run_whose_folder_was_taken_over_stops_without_writing_there(arguments, capsys):
-    argv, out, _ = arguments
-
-    class TakenOverAt:  # another node's launch takes the folder over (LDAE_TAKE_OVER=1, or a stalled heartbeat)
-        def on_batch(self, state, batch, outputs, weight):
-            pass
-
-        def on_step(self, state):
-            if state.step == 3:
-                (out / OWNER_FILE).write_text(json.dumps(_record()))
-            return {}
-
-    with pytest.raises(SystemExit) as stopped:
-        run_pretrain.main([str(a) for a in [*argv, "--max_steps", 6, "--save_steps", 2]], hooks=[TakenOverAt()])
-    assert stopped.value.code == 1
-    assert f"{out} is now owned by run_pretrain.py pid 4242 on node-b" in capsys.readouterr().err.splitlines()[-1]
-    assert sorted(launch_ids(out)) == ["checkpoint-2"] and not (out / "config.json").exists()
-    assert json.loads((out / OWNER_FILE).read_text()) == _record() | {"started": ANY, "heartbeat": ANY}
+    (args,) = HfArgumentParser(LinearProbeTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", "out", "--report_to", "none", *flag])  # stderr is captured here: not a terminal
+    assert args.disable_tqdm is disabled
