@@ -267,6 +267,19 @@ def test_a_run_whose_folder_was_taken_over_stops_without_writing_there(arguments
     assert json.loads((out / OWNER_FILE).read_text()) == _record() | {"started": ANY, "heartbeat": ANY}
 
 
+def test_sigterm_outside_the_loop_ends_the_run_and_releases_the_folder(arguments, monkeypatch):
+    """Pre-empted while saving the final model (after the loop's own signal handling): before, the default handler
+    killed the process and left the owner file behind."""
+    from modeling_ldae import hub
+
+    argv, out, _ = arguments
+    monkeypatch.setattr(hub, "write_model_card", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(SystemExit) as stopped:
+        run([*argv, "--max_steps", 2, "--save_steps", 2])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert not (out / OWNER_FILE).exists() and not (out / "config.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
 # ---------------------------------------------------------------------------------------------------- damage, logs
 
 
