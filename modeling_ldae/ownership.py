@@ -16,7 +16,7 @@ A launch that finds the file reads it: an owner on the same host whose process i
 whose heartbeat is older than `LDAE_OWNER_TIMEOUT` seconds (default 120; a node lost), is dead and the folder is
 taken over with a warning; a live owner ends the launch with one line (exit 2) naming it. An owner that received
 SIGTERM and is writing its last checkpoint marks itself `draining`; a `--resume_from_checkpoint latest` launch
-waits for it (up to `LDAE_DRAIN_TIMEOUT` seconds, default 600) and then resumes from what it saved. By hand:
+waits for it (up to `LDAE_DRAIN_TIMEOUT` seconds, default 300) and then resumes from what it saved. By hand:
 delete the file, or launch once with `LDAE_TAKE_OVER=1`.
 
 Only the main process owns; every process of the run agrees with its verdict (a broadcast), so all of one
@@ -58,8 +58,10 @@ def owner_timeout() -> float:
 
 
 def drain_timeout() -> float:
-    """Seconds a `resume latest` launch waits for a draining owner to save its last checkpoint (default 600)."""
-    return float(os.environ.get("LDAE_DRAIN_TIMEOUT", 600))
+    """Seconds a `resume latest` launch waits for a draining owner to save its last checkpoint (default 300: longer
+    than the usual SIGTERM grace periods, shorter than NCCL's 10-minute timeout, which the other processes of the
+    new launch wait under meanwhile)."""
+    return float(os.environ.get("LDAE_DRAIN_TIMEOUT", 300))
 
 
 def check_one_job(num_processes: int, prog: str) -> None:
@@ -80,10 +82,11 @@ def check_one_job(num_processes: int, prog: str) -> None:
 # ---------------------------------------------------------------------------------------------------- the record
 
 
-def _boot_id() -> str | None:
-    # Tells a rebooted node from the one that started the owner (same host name, pids from another boot).
+def _process_space() -> str | None:
+    """Where this process's pids mean something: the kernel's boot id and the pid namespace (Linux). A host name
+    alone is not enough: a rebooted node, or two containers given one host name, see other pids."""
     with contextlib.suppress(OSError):
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}/{os.readlink('/proc/self/ns/pid')}"
     return None
 
 
@@ -121,7 +124,7 @@ class OwnerRecord:
     started: float
     heartbeat: float
     state: str = "running"  # or "draining": after SIGTERM, writing its last checkpoint
-    boot_id: str | None = None
+    process_space: str | None = None
     process_start: str | None = None
     num_processes: int = 1
     program: str = ""
@@ -130,7 +133,7 @@ class OwnerRecord:
     def for_this_process(cls, program: str, num_processes: int) -> OwnerRecord:
         now = time.time()
         return cls(host=socket.gethostname(), pid=os.getpid(), launch_id=uuid.uuid4().hex[:12], started=now,
-                   heartbeat=now, boot_id=_boot_id(), process_start=_process_start(os.getpid()),
+                   heartbeat=now, process_space=_process_space(), process_start=_process_start(os.getpid()),
                    num_processes=num_processes, program=program)
 
     @classmethod
@@ -154,7 +157,7 @@ class OwnerRecord:
 
     def dead_because(self) -> str | None:
         """Why this owner is dead, or None if it may be alive."""
-        if self.host == socket.gethostname() and (self.boot_id is None or self.boot_id == _boot_id()):
+        if self.host == socket.gethostname() and self.process_space == _process_space():
             if self.pid == os.getpid():
                 return "it is this process (an earlier run in it did not release the folder)"
             if not _process_alive(self.pid, self.process_start):

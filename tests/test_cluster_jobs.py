@@ -153,7 +153,7 @@ def test_a_requeued_launch_waits_for_the_sigtermed_owner_then_resumes_from_its_c
     progress = run([*argv, "--max_steps", 8, "--save_steps", 4, "--resume_from_checkpoint", "latest"])
     _, stderr = stopping.communicate(timeout=60)
     assert stopping.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert "which is saving its last checkpoint after a stop signal: waiting up to 600 s" in caplog.text
+    assert "which is saving its last checkpoint after a stop signal: waiting up to 300 s" in caplog.text
     # The processes agree to stop at the step after the signal: step 4, whose checkpoint the new launch resumes.
     assert f"Resumed from {out / 'checkpoint-4'} at step 4" in caplog.text
     assert progress.step == 8 and (out / "config.json").exists()
