@@ -10,6 +10,7 @@ TrainingArguments, plus the protocol's (`--help`); a .yaml / .json file of them 
 override it. Multi-process: `accelerate launch run_linear_probe.py ...`.
 """
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from modeling_ldae.data import eval_transform, probe_train_transform
 from modeling_ldae.evaluation import preprocess_logits_for_metrics
 from modeling_ldae.modeling_ldae import make_image_processor
 from modeling_ldae.optim import build_lars
+from modeling_ldae.ownership import own_output_dir
 
 logger = logging.getLogger("run_linear_probe")
 
@@ -53,10 +55,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = HfArgumentParser(
         (ModelArguments, DataTrainingArguments, LinearProbeTrainingArguments), prog=Path(__file__).name
     )
-    with report_errors(parser.prog):
-        # Arguments
+    with report_errors(parser.prog), contextlib.ExitStack() as run:
+        # Arguments; the output folder is this run's until it ends (no other launch can write there)
         model_args, data_args, training_args = parse_arguments(parser, argv)
         check_trainer_arguments(training_args)
+        run.enter_context(own_output_dir(training_args.output_dir, parser.prog))
         repo_id = take_over_push(training_args)
 
         # Logging

@@ -20,7 +20,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import GradientAccumulationPlugin, set_seed
 from transformers import HfArgumentParser, get_scheduler
 
-from modeling_ldae import checkpointing, hub, monitors, pretraining, tokenizers
+from modeling_ldae import checkpointing, hub, monitors, ownership, pretraining, tokenizers
 from modeling_ldae.cli import InputError, parse_arguments, report_errors
 from modeling_ldae.data import (
     EVAL_SPLIT_CANDIDATES,
@@ -45,6 +45,7 @@ from modeling_ldae.pretraining import (
 )
 
 logger = logging.getLogger("run_pretrain")
+PROG = "run_pretrain.py"
 
 
 @dataclass
@@ -168,6 +169,10 @@ class PretrainingArguments:
     )
     num_pca_picture_components: int = field(default=64)
     logging_steps: int = field(default=50)
+    disable_tqdm: bool | None = field(
+        default=None, metadata={"help": "Turn the progress bars off (true) or on (false); default: on only where "
+                                "stderr is a terminal (a batch job's log gets the logged lines instead)."}
+    )
     monitor_steps: int | None = field(
         default=1000, metadata={"help": "Held-out loss on a fixed (t, noise) grid + denoising picture every N steps."}
     )
@@ -290,7 +295,7 @@ def stage_one(model, model_args, data_args, args, data, image_size, num_workers,
         return decode(first_rows(data.source, chosen, data.image_column, count))["pixel_values"]
 
     fit = partial(fit_pca, model.config, data, image_size, args.pca_num_images, args.pca_num_patches,
-                  args.per_device_train_batch_size, num_workers, args.seed, accelerator)
+                  args.per_device_train_batch_size, num_workers, args.seed, accelerator, args.disable_tqdm)
     loader = partial(make_train_loader, data, args, image_size, num_workers, accelerator.process_index)
     how, figures = tokenizers.prepare_tokenizer(model, model_args.tokenizer_from, fit, loader, read_images, args,
                                                 accelerator, output_dir, model_args.cache_dir, model_args.token)
@@ -308,16 +313,27 @@ def evaluation_split(data, data_args) -> str | None:
 
 
 def pretrain(model_args, data_args, args, hooks=()) -> monitors.LoopState | None:
-    """The whole run: checks, data, model, stage 1 (the PCA tokenizer), stage 2 (the loop), the final model. Returns
+    """The whole run: checks, the output folder taken (`modeling_ldae.ownership`), then `pretrain_into` it. Returns
     the final loop state; None when `--resume_from_checkpoint latest` finds the run finished."""
     check_arguments(model_args, args)
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args, output_dir)
+    ownership.check_one_job(accelerator.num_processes, PROG)
+    # A requeued pre-emptible job (`latest`) waits for the run it replaces to save its last checkpoint.
+    with ownership.own_output_dir(output_dir, PROG, wait_for_draining=args.resume_from_checkpoint == "latest") as owner:
+        return pretrain_into(owner, accelerator, model_args, data_args, args, hooks)
+
+
+def pretrain_into(owner: ownership.Ownership, accelerator: Accelerator, model_args, data_args, args,
+                  hooks=()) -> monitors.LoopState | None:
+    """Data, model, stage 1 (the tokenizer), stage 2 (the loop), the final model, in the folder `owner` holds."""
     output_dir = Path(args.output_dir)
     try:
         resume_from = checkpointing.resume_checkpoint(output_dir, args.resume_from_checkpoint)
     except checkpointing.RunFinished as finished:
         logger.warning("%s", finished)
+        accelerator.end_training()
         return None
-    accelerator = make_accelerator(args, output_dir)
     set_seed(args.seed)
     model = build_model(model_args)
     image_size = square_image_size(model)
@@ -372,12 +388,14 @@ def pretrain(model_args, data_args, args, hooks=()) -> monitors.LoopState | None
                 data.num_examples if data.num_examples is not None else "unknown number of", num_workers)
 
     def save_checkpoint(state):
+        owner.ensure_owned()
         state.last_checkpoint = checkpointing.save_checkpoint(
             accelerator, model, output_dir, state.step, (state.epoch, state.batch_in_epoch),
-            {**layout, "last_loss": state.last_loss}, args.save_total_limit, image_size)
+            {**layout, "last_loss": state.last_loss, "launch_id": owner.launch_id}, args.save_total_limit, image_size)
 
     window = pretraining.LossWindow(accelerator.device)
-    with pretraining.StopRequest() as stop, monitors.ProgressBar(max_steps, state.step, accelerator) as bar:
+    with pretraining.StopRequest(on_signal=owner.drain) as stop, \
+            monitors.ProgressBar(max_steps, state.step, accelerator, args.disable_tqdm) as bar:
         while state.step < max_steps and not stop.agreed:
             train_one_epoch(model, loader, optimizer, scheduler, state, window, args, max_steps, [*hooks, bar], stop,
                             save_checkpoint)
@@ -390,6 +408,7 @@ def pretrain(model_args, data_args, args, hooks=()) -> monitors.LoopState | None
                          knn=next((h.last_result for h in hooks if isinstance(h, monitors.KnnMonitor)), None),
                          knn_splits=(data_args.train_split_name, data_args.eval_split_name),
                          arguments=arguments)
+    owner.ensure_owned()
     save_final_model(accelerator, model, output_dir, image_size, write_card)
     if args.push_to_hub and accelerator.is_main_process:
         info = hub.push_to_hub(output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
@@ -402,7 +421,7 @@ def pretrain(model_args, data_args, args, hooks=()) -> monitors.LoopState | None
 
 def main(argv=None, hooks=()):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    with report_errors("run_pretrain.py"):
+    with report_errors(PROG):
         return pretrain(*parse_args(argv), hooks=hooks)
 
 

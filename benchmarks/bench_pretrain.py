@@ -4,10 +4,16 @@ preset in the same process, JPEG decode + augmentation per loader worker, and pe
     python benchmarks/bench_pretrain.py                      # GPU: ViT-B, 256 px, batch 256, bf16
     python benchmarks/bench_pretrain.py --memory ldae-vit-large:64 ldae-vit-large:256:gc
     python benchmarks/bench_pretrain.py --preset ldae-tiny --batch_size 64 --mixed_precision no   # CPU smoke run
+    python benchmarks/bench_pretrain.py --ownership       # + the step while owning the output folder
 
 The images are generated ImageNet-sized JPEGs (500 x 375, multi-octave noise: about ImageNet's file size), written
 as a parquet shard that the loop reads map-style like any local data set. Workers needed per GPU = model-only
 images/s divided by one worker's decode + augmentation images/s.
+
+`--ownership`: the output folder's owner (`modeling_ldae.ownership`) adds nothing to a step; its heartbeat thread
+writes a small file every 15 s. The model-only step is timed in alternating rounds without and with an owned
+folder whose heartbeat runs every 50 ms (300 times the default rate); the median ratio and the cost of one
+heartbeat write are printed.
 """
 
 import argparse
@@ -33,6 +39,7 @@ from modeling_ldae import LDAEConfig, LDAEForPreTraining  # noqa: E402
 from modeling_ldae.pretraining import enable_activation_checkpointing  # noqa: E402
 from modeling_ldae.data import decode_image, pretrain_transform  # noqa: E402
 from modeling_ldae.monitors import read_metrics  # noqa: E402
+from modeling_ldae.ownership import own_output_dir  # noqa: E402
 
 WIDTH, HEIGHT = 500, 375
 
@@ -135,6 +142,27 @@ def loop_throughput(jpegs: list[bytes], args) -> float:
         return statistics.median(windows[skip:] or windows)
 
 
+def ownership_cost(args, rounds: int = 5) -> dict[str, float]:
+    """Model-only images/s while owning a folder (heartbeat every 50 ms) over those without, median of alternating
+    rounds (the machine's drift cancels), and the milliseconds of one heartbeat write."""
+    os.environ["LDAE_OWNER_TIMEOUT"] = "0.4"  # a heartbeat every 0.4 / 8 s
+    measure = lambda: model_only_throughput(args.preset, args.batch_size, args.steps, args.warmup,  # noqa: E731
+                                            args.mixed_precision)
+    ratios = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(rounds):
+            plain = measure()
+            with own_output_dir(Path(tmp) / "out", "bench_pretrain.py") as owner:
+                ratios.append(measure() / plain)
+                start = time.perf_counter()
+                for _ in range(100):
+                    owner.refresh()
+                write_ms = (time.perf_counter() - start) * 10
+    return {"owned_over_plain_step_heartbeat_50ms": round(statistics.median(ratios), 3),
+            "owned_over_plain_rounds": [round(ratio, 3) for ratio in ratios],
+            "heartbeat_write_ms": round(write_ms, 3)}
+
+
 def peak_memory(spec: str, mixed_precision: str) -> str:
     """`preset:batch[:gc]` -> peak GiB of two training steps (model, AdamW, activations), or OOM."""
     preset, batch, *rest = spec.split(":")
@@ -173,6 +201,7 @@ def main():
     parser.add_argument("--num_images", type=int, default=2048 if gpu else 256)
     parser.add_argument("--random_resized_crop", action="store_true", help="Loop with RRC + flip (center crop).")
     parser.add_argument("--memory", nargs="*", default=[], help="preset:batch[:gc] specs to measure (GPU).")
+    parser.add_argument("--ownership", action="store_true", help="The step while owning the output folder.")
     parser.add_argument("--skip_loop", action="store_true")
     parser.add_argument("--output", help="Also write the results as JSON here.")
     args = parser.parse_args()
@@ -196,6 +225,8 @@ def main():
         for name in ("center_crop", "rrc_flip"):
             per_worker = results[f"decode_{name}_img_s_per_worker"]
             results[f"workers_per_gpu_{name}"] = int(np.ceil(model_only / per_worker))
+    if args.ownership:
+        results.update(ownership_cost(args))
     for spec in args.memory:
         results[f"peak_memory[{spec}]"] = peak_memory(spec, args.mixed_precision)
     print(json.dumps(results, indent=2))

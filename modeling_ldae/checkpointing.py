@@ -17,11 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from safetensors import SafetensorError, safe_open
 
 from .cli import InputError
 from .data import make_image_processor
@@ -59,9 +62,35 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
             if step is not None and (path / TRAINER_STATE_NAME).is_file()]
 
 
-def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
-    checkpoints = complete_checkpoints(output_dir)
-    return checkpoints[-1] if checkpoints else None
+def unreadable_file(checkpoint: Path) -> tuple[Path, str] | None:
+    """The first file of `checkpoint` that cannot be read and why, or None. Reads what tells a truncated file (the
+    usual damage of a crash or a full disk): safetensors headers (which give the file's size), the directory at
+    the end of torch's zip archives (`accelerate.save_state`'s .bin / .pkl), and the JSON files; not every tensor."""
+    for file in sorted(path for path in checkpoint.rglob("*") if path.is_file()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(file, "pt"):
+                    pass
+            elif file.suffix in (".bin", ".pkl", ".pt"):
+                zipfile.ZipFile(file).close()
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+        except (SafetensorError, zipfile.BadZipFile, ValueError, OSError) as error:
+            return file, " ".join(str(error).split()) or type(error).__name__
+    return None
+
+
+def find_latest_checkpoint(output_dir: str | Path, warn: bool = True) -> Path | None:
+    """The newest complete checkpoint whose files are readable; each newer, unreadable one is named in a warning
+    and left in place."""
+    for checkpoint in reversed(complete_checkpoints(output_dir)):
+        damage = unreadable_file(checkpoint)
+        if damage is None:
+            return checkpoint
+        if warn:
+            logger.warning("Skipping %s: %s is unreadable (%s). It is left in place; resuming from an older "
+                           "checkpoint.", checkpoint, damage[0], damage[1])
+    return None
 
 
 def resume_checkpoint(output_dir: Path, requested: str | None) -> Path | None:
@@ -70,7 +99,7 @@ def resume_checkpoint(output_dir: Path, requested: str | None) -> Path | None:
     finished model or another run's checkpoints, or the folder is not a checkpoint."""
     finished = (output_dir / FINAL_MODEL_MARKER).is_file()
     if requested is None:
-        if finished or find_latest_checkpoint(output_dir) is not None:
+        if finished or complete_checkpoints(output_dir):
             raise InputError(f"--output_dir {output_dir} already holds checkpoints or a model: pass "
                              "--resume_from_checkpoint latest to continue that run, or choose another --output_dir.")
         return None
@@ -86,6 +115,12 @@ def resume_checkpoint(output_dir: Path, requested: str | None) -> Path | None:
     if finished:
         raise InputError(f"--output_dir {output_dir} holds the finished model, which resuming would overwrite: "
                          "resume into a new --output_dir.")
+    damage = unreadable_file(path)
+    if damage is not None:
+        alternative = find_latest_checkpoint(path.parent, warn=False)  # skips `path`
+        raise InputError(f"--resume_from_checkpoint {requested}: {damage[0]} is unreadable ({damage[1]}); "
+                         + (f"the newest readable checkpoint is {alternative}." if alternative else
+                            f"{path.parent} holds no readable checkpoint."))
     return path
 
 
@@ -116,12 +151,20 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
 
 
+def written_by(checkpoint: Path) -> str | None:
+    """The launch id (`ownership`) of the launch that wrote `checkpoint`; None if unknown or unreadable."""
+    try:
+        return read_trainer_state(checkpoint).get("launch_id")
+    except (OSError, ValueError):
+        return None
+
+
 def save_checkpoint(accelerator: Accelerator, model, output_dir: Path, step: int, position: tuple[int, int],
                     state: dict[str, Any], total_limit: int | None, image_size: int) -> Path:
     """Write `checkpoint-<step>` (all processes call this; `position` is this process's (epoch, batch in epoch))
     and keep the newest `total_limit` complete checkpoints (None: all). The folder appears only once complete."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    if final.exists():  # a stop signal right after a scheduled save
+    if final.exists() and written_by(final) == state.get("launch_id"):  # a stop signal right after a scheduled save
         return final
     temporary = output_dir / f"{TEMPORARY_PREFIX}{final.name}"  # the same on every process: all write into it
     positions = gather_object([position])
@@ -137,6 +180,10 @@ def save_checkpoint(accelerator: Accelerator, model, output_dir: Path, step: int
             full_state = {**state, "step": step, "positions": positions,
                           "model_config": comparable_config(unwrapped.config)}
             (temporary / TRAINER_STATE_NAME).write_text(json.dumps(full_state, indent=2))
+            if final.exists():  # an unreadable checkpoint that `latest` skipped, or one of an abandoned trajectory
+                kept = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+                final.rename(kept)
+                logger.warning("%s was not written by this launch: kept as %s, and written anew.", final, kept)
             temporary.rename(final)
     except BaseException:
         if accelerator.is_main_process:

@@ -142,6 +142,8 @@ class ProtocolTrainingArguments(TrainingArguments):
     def __post_init__(self):
         # The collator decodes the raw image column, so the Trainer must keep it.
         self.remove_unused_columns = False
+        if self.disable_tqdm is None and not sys.stderr.isatty():  # as run_pretrain.py: no bar in a job's log
+            self.disable_tqdm = True
         super().__post_init__()
         # Each process reads its own share; dispatching would make the first process decode every batch for all.
         self.accelerator_config.dispatch_batches = False

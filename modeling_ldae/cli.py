@@ -3,6 +3,7 @@
 - `parse_arguments`: flags, optionally after a YAML / JSON file of them. The file becomes `--key value` arguments
   placed before the command line's own, so argparse converts types, checks required arguments, and lets a flag
   override the file (`HfArgumentParser.parse_yaml_file` would bypass all three).
+- `progress_bar_disabled`: `--disable_tqdm`, and no bar in a log file.
 - `InputError`: bad user input (flags, data, checkpoints). `report_errors` prints it as one line and exits 2, as
   argparse does for a bad flag; any other exception is logged with its traceback, summarised in one line at the
   end, and ends the process with status 1 and no DataLoader worker left behind.
@@ -94,6 +95,15 @@ def _renamed(argv: list[str], parser: HfArgumentParser) -> list[str]:
             argument = f"--{new}{sep}{value}"
         result.append(argument)
     return result
+
+
+def progress_bar_disabled(disable_tqdm: bool | None, accelerator) -> bool:
+    """`disable` for a tqdm bar: `--disable_tqdm` as in `TrainingArguments`; unset, a bar only where tqdm's stream
+    (stderr) is a terminal: in a batch job's log a bar is a carriage-return update per step, and the logged lines
+    carry the progress there. Only the local main process shows one."""
+    if not accelerator.is_local_main_process:
+        return True
+    return not sys.stderr.isatty() if disable_tqdm is None else disable_tqdm
 
 
 def is_main_process() -> bool:

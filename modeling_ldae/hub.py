@@ -21,7 +21,7 @@ from packaging.utils import canonicalize_name
 from .cli import InputError
 
 # Checkpoints (optimizer state, RNG) and unfinished temporary folders are not part of the model.
-IGNORE_PATTERNS = ["checkpoint*", "*/checkpoint*", ".tmp*", "*/.tmp*"]
+IGNORE_PATTERNS = ["checkpoint*", "*/checkpoint*", ".tmp*", "*/.tmp*", ".ldae-owner*"]  # run state
 
 
 def hub_id(name: str | os.PathLike | None) -> str | None:

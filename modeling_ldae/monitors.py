@@ -34,6 +34,7 @@ from accelerate.tracking import GeneralTracker
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .cli import progress_bar_disabled
 from .data import DecodingCollator, eval_transform, pretrain_transform
 from .features import extract_features
 from .knn import knn_top1
@@ -348,9 +349,9 @@ class ProgressBar(TrainingHook):
     """The progress bar of the local main process: steps and the last logged loss. A context manager that closes
     the bar."""
 
-    def __init__(self, total: int, initial: int, accelerator: Accelerator):
+    def __init__(self, total: int, initial: int, accelerator: Accelerator, disable_tqdm: bool | None = None):
         self.bar = tqdm(total=total, initial=initial, desc="pre-training",
-                        disable=not accelerator.is_local_main_process)
+                        disable=progress_bar_disabled(disable_tqdm, accelerator))
 
     def __enter__(self) -> ProgressBar:
         return self

@@ -22,6 +22,7 @@ import math
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -40,7 +41,7 @@ from transformers.trainer_utils import seed_worker
 
 from . import data as ldae_data
 from . import hub
-from .cli import InputError
+from .cli import InputError, progress_bar_disabled
 from .configuration_ldae import JOURNEY_STAGES, LDAEConfig
 from .monitors import KnnResult, LoopState
 from .pca import PatchPCAAccumulator, explained_variance_ratio
@@ -250,7 +251,7 @@ def make_train_loader(data: TrainingData, args, image_size: int, num_workers: in
 
 
 def fit_pca(config, data: TrainingData, image_size: int, num_images: int, num_patches: int, batch_size: int,
-            num_workers: int, seed: int, accelerator: Accelerator):
+            num_workers: int, seed: int, accelerator: Accelerator, disable_tqdm: bool | None = None):
     """Fit the patch-wise PCA on `num_patches` random patches of `num_images` random training images (center
     crops), each process reading its share, exact float64 sums added across processes. Returns (mean, components,
     eigenvalues, a description for the log)."""
@@ -266,7 +267,7 @@ def fit_pca(config, data: TrainingData, image_size: int, num_images: int, num_pa
     loader = make_loader(sample, collator, batch_size, num_workers, accelerator.process_index)
     accumulator = PatchPCAAccumulator(config.patch_size, config.num_channels, device=accelerator.device)
     generator = torch.Generator().manual_seed(seed + accelerator.process_index)
-    for batch in tqdm(loader, desc="PCA", disable=not accelerator.is_local_main_process):
+    for batch in tqdm(loader, desc="PCA", disable=progress_bar_disabled(disable_tqdm, accelerator)):
         if batch is not None:
             accumulator.update(batch["pixel_values"].to(accelerator.device), patches_per_image, generator)
     accumulator.reduce(lambda tensor: accelerator.reduce(tensor, "sum"))
@@ -277,12 +278,14 @@ def fit_pca(config, data: TrainingData, image_size: int, num_images: int, num_pa
 
 
 class StopRequest:
-    """SIGTERM / SIGINT handling for the loop: a signal only sets a flag; every step the processes all-reduce their
-    flags (and their non-finite loss counts), so that all stop at the same step, checkpoint and exit together."""
+    """SIGTERM / SIGINT handling for the loop: a signal only sets a flag (and calls `on_signal`, which must be as
+    quick: the output folder's owner marks itself draining); every step the processes all-reduce their flags (and
+    their non-finite loss counts), so that all stop at the same step, checkpoint and exit together."""
 
-    def __init__(self):
+    def __init__(self, on_signal: Callable[[], None] = lambda: None):
         self.signal: int | None = None  # received by this process
         self.agreed = False  # some process received one: stop after this step
+        self.on_signal = on_signal
 
     def __enter__(self) -> StopRequest:
         self._previous = {sig: signal.signal(sig, self._receive) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -294,6 +297,7 @@ class StopRequest:
 
     def _receive(self, signum, frame):
         self.signal = signum
+        self.on_signal()
 
     def synchronize(self, accelerator: Accelerator, nonfinite: torch.Tensor, step: int, latest: Path | None):
         stop, bad = accelerator.reduce(torch.stack([torch.tensor(float(self.signal is not None),

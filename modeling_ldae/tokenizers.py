@@ -29,7 +29,7 @@ from accelerate.logging import get_logger
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .cli import InputError
+from .cli import InputError, progress_bar_disabled
 from .modeling_ldae import LDAEModel, LDAEPatchPCA, patchify
 
 logger = get_logger(__name__)  # main process only
@@ -120,7 +120,8 @@ def reconstruction_loss(tokenizer, images: torch.Tensor, kl_weight: float) -> tu
 
 
 def train_tokenizer(model, loader, accelerator: Accelerator, output_dir: Path, max_steps: int, learning_rate: float,
-                    kl_weight: float, logging_steps: int, save_steps: int | None, seed: int) -> int:
+                    kl_weight: float, logging_steps: int, save_steps: int | None, seed: int,
+                    disable_tqdm: bool | None = None) -> int:
     """Train `model.ldae.tokenizer` for `max_steps` Adam steps (constant learning rate) on `loader`'s images,
     resuming from `<output_dir>/tokenizer-training/`; logs the MSE to `tokenizer-training/metrics.jsonl`. The
     gradients are averaged over processes by hand: the tokenizer is not registered with the accelerator, so
@@ -138,7 +139,8 @@ def train_tokenizer(model, loader, accelerator: Accelerator, output_dir: Path, m
                                  put_on_device=True, dispatch_batches=False, use_seedable_sampler=True,
                                  data_seed=seed)
     torch.manual_seed(seed + step + accelerator.process_index)  # posterior samples: a stream per process
-    bar = tqdm(total=max_steps, initial=step, desc="tokenizer", disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=max_steps, initial=step, desc="tokenizer",
+               disable=progress_bar_disabled(disable_tqdm, accelerator))
     window = []
     while step < max_steps:
         loader.set_epoch(step)  # a resumed run sees a new data order rather than replaying the first batches
@@ -255,7 +257,7 @@ def prepare_tokenizer(model, source: str | None, fit_pca, make_train_loader, rea
             kl_weight = DEFAULT_KL_WEIGHTS[config.tokenizer_type]
         steps = train_tokenizer(model, make_train_loader(), accelerator, output_dir, args.tokenizer_max_steps,
                                 args.tokenizer_learning_rate, kl_weight, args.logging_steps, args.save_steps,
-                                args.seed)
+                                args.seed, args.disable_tqdm)
         scale = fit_latent_scale(model.ldae.tokenizer, read_images(False, 512).to(accelerator.device), eigenvalues,
                                  config.pca_dim)
         figures["tokenizer"] = describe(model.ldae.tokenizer, report_images, eigenvalues[:config.pca_dim].mean().item())

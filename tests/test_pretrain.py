@@ -327,6 +327,11 @@ def test_two_processes_each_example_once_per_epoch(tmp_path, parquet_dir):
     model = AutoModelForPreTraining.from_pretrained(output_dir)
     assert model.ldae.pca.is_fitted
     assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-16"]
+    # Both processes were one owner of the folder: one launch wrote every checkpoint, and released the folder.
+    launches = {json.loads((p / "trainer_state.json").read_text())["launch_id"]
+                for p in output_dir.glob("checkpoint-*")}
+    assert len(launches) == 1 and None not in launches
+    assert not (output_dir / ".ldae-owner.json").exists()
 
 
 RECIPES = sorted((REPO_ROOT / "configs" / "pretrain").glob("ldae-vit-*.yaml"))  # the paper's ImageNet recipes
