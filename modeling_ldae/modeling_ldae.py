@@ -907,7 +907,6 @@ class LDAEModel(LDAEPreTrainedModel):
             del self.embeddings.latent_embeddings
         self.embeddings.patch_embeddings = patch_embeddings
         config.denoiser_input, config.feature_input = "pixels", "clean"
-        self.embeddings.config = config  # the embeddings read denoiser_input from their own reference
         return self
 
 
