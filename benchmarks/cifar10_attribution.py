@@ -15,17 +15,23 @@ the fixed (zero, adaLN-Zero) init unless a cell says otherwise. Cells, in priori
      `min_snr` weightings, a variance-preserving schedule;
   3. the noise range (sigma_max 1 and 3) of the best pixel-input variant, `--best` (default 4e; choose it from cells
      0-2), and its read-outs (feature_input pca / noisy, feature_timestep 100 / 250: probes of its seed-0 checkpoint);
-  4. 8 epochs (4 x 3,099 steps, cosine over all of them) of stage 3, 4e and the best variant if it differs.
-Seeds 0 and 1 of every run; the order is seed 0 of cells 0-2, then their seed 1, then cell 3 (seed 0, seed 1), then
-cell 4 (seed 0 of each, then seed 1): `--hours` drops from the end. Two runs side by side, one thread each;
-resumable (run the same command again: DAE runs continue from their latest checkpoint, probes are cached in
-`<out>/results.json`). `docs/results/cifar10-attribution.md` is written from what exists; a hand-written reading
-below its marker line survives. Before anything runs, every job's config is built here, so a key this checkout's
+  4. 8 epochs (4 x 3,099 steps, cosine over all of them) of stage 3, 4e and the best variant if it differs;
+  5. the recipe users get (`configs/pretrain/ldae-cifar10-recipe.yaml`, stage 3) run from that file itself on two
+     fresh seeds (2 and 3).
+Seeds 0 and 1 of every run of cells 0-4; the order is seed 0 of cells 0-2, then their seed 1, then the recipe's
+seeds, then cell 3 (seed 0, seed 1), then cell 4 (seed 0 of each, then seed 1): `--hours` drops from the end. Two
+runs side by side, one thread each; resumable (run the same command again: DAE runs continue from their latest
+checkpoint, probes are cached in `<out>/results.json`). `docs/results/cifar10-attribution.md` is written from what
+exists; a hand-written reading below its marker line survives. Every figure and health row is also kept beside the
+report, in `cifar10-attribution/record.json`, and read back from there for runs whose output folder is gone (a new
+machine), so the page can be rewritten and the study continued without rerunning what it already measured. Before anything runs, every job's config is built here, so a key this checkout's
 `LDAEConfig` does not know (which `PretrainedConfig` would silently keep as an unused attribute) or an invalid
 combination stops the study at once instead of hours in.
 """
 
 import inspect
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +47,7 @@ from cifar10_journey import (
     summary,
     write_keeping_reading,
 )
-from reproduce_cifar10 import Study, Variant, health_table, ldae_encoder
+from reproduce_cifar10 import REPO, Study, Variant, health_table, ldae_encoder, run_health
 
 from modeling_ldae import JOURNEY_STAGES, LDAEConfig
 
@@ -106,6 +112,9 @@ XAVIER = {"3-patch-pca (xavier)": {"linear": (49.9, 48.5), "knn": (38.6, 38.6)},
 # ("MAE, same images as l-DAE", cosine, one seed); 8 epochs from docs/results/cifar10-curves.md (warm-up then a
 # constant lr, one seed).
 MAE = {2: {"linear": 45.2, "knn": 36.6}, 8: {"linear": 46.9, "knn": 40.3}}
+RECIPE_FILE = REPO / "configs" / "pretrain" / "ldae-cifar10-recipe.yaml"
+RECIPE = Arm("recipe", 5, "3-patch-pca", change=f"{RECIPE_FILE.name}, run from the file", against="3-patch-pca")
+CONFIRMATION_SEEDS = (2, 3)  # fresh: no study run used them
 MINUTES = 8.5  # a 2-epoch run, one thread beside another: the journey's runs took 7.6-8.7 min
 
 
@@ -130,11 +139,19 @@ def long_arms(best: Arm) -> list[Arm]:
     return [Arm(f"{name}-8ep", 4, ARM[name].stage, ARM[name].overrides, f"{name}, 8 epochs", None) for name in names]
 
 
+def recipe_command(data: Path, folder: Path, seed: int, smoke: bool) -> list[str]:
+    """The recipe file as a user runs it, with the local data, the seed and the study's output conventions."""
+    quick = ["--max_steps", "20", "--warmup_steps", "1", "--save_steps", "10", *smoke_flags(True)] if smoke else []
+    return [str(RECIPE_FILE), "--dataset_name", str(data), "--output_dir", str(folder), "--seed", str(seed),
+            "--dataloader_num_workers", "0", "--report_to", "none", *quick]
+
+
 def build_jobs(args) -> list[StudyJob]:
-    """Every training job in priority order (cells 0-2 seed 0, then seed 1; cell 3; cell 4)."""
+    """Every training job in priority order (cells 0-2 seed 0, then seed 1; the recipe; cell 3; cell 4)."""
     best, out, data = ARM[args.best], Path(args.output_dir), Path(args.data_dir)
     first = [arm for arm in ARMS if arm.cell <= 2]
     order = [(arm, seed) for seed in journey.SEEDS for arm in first]
+    order += [(RECIPE, seed) for seed in CONFIRMATION_SEEDS]
     order += [(arm, seed) for seed in journey.SEEDS for arm in noise_range_arms(best)]
     order += [(arm, seed) for seed in journey.SEEDS for arm in long_arms(best)]
     jobs = []
@@ -142,11 +159,15 @@ def build_jobs(args) -> list[StudyJob]:
         epochs = 8 if arm.cell == 4 else 2
         steps = (20 if args.smoke else EPOCH_STEPS) * epochs // 2
         name, folder = f"{arm.name}-seed{seed}", out / "runs" / f"{arm.name}-seed{seed}"
-        variant = Variant(arm.name, "ldae", {"pca_dim": DIM, **FIXED_INIT, **arm.overrides}, seed)  # on STUDY_MODEL
-        command = study.pretrain_command(variant, data, folder, steps, "cpu",
-                                         save_steps=10 if args.smoke else journey.SAVE_STEPS)
-        jobs.append(StudyJob(name, folder, [*command, "--journey_stage", arm.stage, *smoke_flags(args.smoke)],
-                             MINUTES * epochs / 2, dae=True, max_steps=steps, arm=arm, seed=seed, epochs=epochs))
+        if arm is RECIPE:
+            command = recipe_command(data, folder, seed, args.smoke)
+        else:
+            variant = Variant(arm.name, "ldae", {"pca_dim": DIM, **FIXED_INIT, **arm.overrides}, seed)  # STUDY_MODEL
+            command = [*study.pretrain_command(variant, data, folder, steps, "cpu",
+                                               save_steps=10 if args.smoke else journey.SAVE_STEPS),
+                       "--journey_stage", arm.stage, *smoke_flags(args.smoke)]
+        jobs.append(StudyJob(name, folder, command, MINUTES * epochs / 2, dae=True, max_steps=steps, arm=arm,
+                             seed=seed, epochs=epochs))
     return jobs
 
 
@@ -173,11 +194,53 @@ def read_out_keys(best: str) -> dict[str, dict]:
 def evaluate(lab: Study, jobs: list[StudyJob], args) -> None:
     """Probe every finished run (cached), then the read-outs of the best variant's seed-0 checkpoint."""
     journey.probe_runs(lab, jobs, args)
-    finished = lab.results["pretraining"]
-    if f"{args.best}-seed0" in finished:
-        folder = finished[f"{args.best}-seed0"]["path"]
+    folder = lab.results["pretraining"].get(f"{args.best}-seed0", {}).get("path")
+    missing = [key for key in read_out_keys(args.best) if key not in lab.results]
+    if missing and folder is None:
+        print(f"[skip] read-outs of {args.best}-seed0: its figures come from the record and its checkpoint is gone; "
+              f"run it again with --only {args.best}-seed0 after deleting it from {lab.results_path}", flush=True)
+    elif missing:
         for key, overrides in read_out_keys(args.best).items():
             lab.evaluate(key, lambda o=overrides: ldae_encoder(folder, args.device, **o))
+
+
+# ---------------------------------------------------------------------------------------------- record
+
+RECORD_NAME = "record.json"
+
+
+def restore_record(lab: Study, path: Path) -> None:
+    """Add to `lab.results` what the committed record has and the output folder lacks (a new machine): each probe's
+    figures and each finished run, without a folder. Such a run counts as done (it is not retrained) and its health
+    row comes from the record."""
+    if not path.exists():
+        return
+    record = json.loads(path.read_text())
+    for key, figures in record["probes"].items():
+        lab.results.setdefault(key, figures)
+    runs = lab.results.setdefault("pretraining", {})
+    for name, run in record["runs"].items():
+        runs.setdefault(name, {key: value for key, value in run.items() if key != "health"})
+
+
+def healths(lab: Study, names: list[str], record: dict) -> dict[str, dict | None]:
+    """Each finished run's health: from its folder where it still exists, else from the record."""
+    runs = lab.results.get("pretraining", {})
+    return {name: (run_health(runs[name]["path"]) if Path(runs[name].get("path", "/nonexistent")).exists()
+                   else record.get(name, {}).get("health")) for name in names if name in runs}
+
+
+def write_record(lab: Study, path: Path, health: dict[str, dict | None]) -> None:
+    """Every probe's figures and every finished run's wall clock and health, written whole (a temporary file, then
+    a rename) so an interrupted write leaves the previous record."""
+    runs = lab.results.get("pretraining", {})
+    record = {"probes": {key: value for key, value in sorted(lab.results.items()) if key != "pretraining"},
+              "runs": {name: {**{key: value for key, value in run.items() if key != "path"},
+                              "health": health.get(name)} for name, run in sorted(runs.items())}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    os.replace(partial, path)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -244,6 +307,11 @@ def write_report(lab: Study, jobs: list[StudyJob], path: Path, args) -> None:
     stage3 = {metric: figures(lab, "3-patch-pca", metric) for metric in ("linear", "knn")}
     names = [*XAVIER, *(arm.name for arm in two_epoch)]
     folder = path.with_suffix("")
+    record_file = folder / RECORD_NAME
+    record = json.loads(record_file.read_text())["runs"] if record_file.exists() else {}
+    health = healths(lab, [job.name for job in jobs], record)
+    write_record(lab, record_file, health)
+    sources = sorted({value["source"] for value in results.values() if "source" in value})
     plot(lab, names, ["ref"] * len(XAVIER) + [str(arm.cell) for arm in two_epoch], folder / "attribution.png")
     lines = [
         "# Why l-DAE trails its own stage 3 at CIFAR-10 scale: the attribution study", "",
@@ -261,7 +329,10 @@ def write_report(lab: Study, jobs: list[StudyJob], path: Path, args) -> None:
         (f"Probes (every run the same): the cached-feature linear probe (BatchNorm + Linear, LARS, {args.probe_epochs} "
          "epochs) and k-NN top-1 (k = 20) on the full 50k / 10k split, encoder features at t = 10 on the clean input. "
          "Seeds 0 and 1: mean ± half the spread. A move is called real only above twice the larger half-spread of "
-         "the two (the bar); a figure from one seed is marked and gets no verdict."), "",
+         "the two (the bar); a figure from one seed is marked and gets no verdict."
+         + ("" if not sources else f" Figures of runs whose folders are gone are read back from [{RECORD_NAME}]"
+            f"({folder.name}/{RECORD_NAME}), some with one decimal ({'; '.join(sources)}): a mean or a move there can "
+            "differ by 0.1 from one computed before rounding.")), "",
         "## 1. Two epochs, d = 8", "",
         "| cell | variant | what | init | seed 0 | seed 1 | linear probe | k-NN | against | linear: move | "
         "k-NN: move | vs stage 3 (linear / k-NN) |",
@@ -287,15 +358,31 @@ def write_report(lab: Study, jobs: list[StudyJob], path: Path, args) -> None:
     if best.variance_preserving:
         lines += [f"The best pixel-input variant ({best.name}) is variance-preserving: its schedule ends at sigma = 1 "
                   "and no config key moves that end point, so cell 3 has no noise-range runs.", ""]
-    default = f"{best.name}-seed0"
-    lines += [f"## 2. Read-outs of {best.name} (seed 0 checkpoint, probes only, one seed each)", "",
-              "| read-out | linear probe | k-NN | linear: move from the default (1 seed) |", "|---|---|---|---|",
-              f"| default (clean input, t = 10) | {cell(default)} | {cell(default, 'knn_top1')} | — |"]
-    for key in read_out_keys(best.name):
-        change = (f"{results[key]['linear_probe_top1'] - results[default]['linear_probe_top1']:+.1f}"
-                  if key in results and default in results else "—")
-        lines.append(f"| {key.split('@')[1]} | {cell(key)} | {cell(key, 'knn_top1')} | {change} |")
-    lines += ["", "## 3. Eight epochs", "",
+    lines += ["## 2. The recipe, confirmed on fresh seeds", "",
+              f"`{RECIPE_FILE.relative_to(REPO)}` (stage 3, the settings of the 3-patch-pca rows) run from the file "
+              f"itself, seeds {' and '.join(map(str, CONFIRMATION_SEEDS))}, probed as every run here.", "",
+              "| runs | seeds | linear probe | k-NN | vs MAE, same images (linear / k-NN) |", "|---|---|---|---|---|"]
+    recipe = {metric: figures(lab, RECIPE.name, metric) for metric in ("linear", "knn")}
+    seeds_all = {metric: stage3[metric] + recipe[metric] for metric in ("linear", "knn")}
+    for label, seeds, values in (("recipe file", CONFIRMATION_SEEDS, recipe), ("3-patch-pca", journey.SEEDS, stage3),
+                                 ("both", journey.SEEDS + CONFIRMATION_SEEDS, seeds_all)):
+        vs_mae = ("—" if not values["linear"] else f"{summary(values['linear'])[0] - MAE[2]['linear']:+.1f} / "
+                  f"{summary(values['knn'])[0] - MAE[2]['knn']:+.1f}")
+        lines.append(f"| {label} | {', '.join(map(str, seeds))} | {seeds_cell(values['linear'])} | "
+                     f"{seeds_cell(values['knn'])} | {vs_mae} |")
+    lines += ["", f"Recipe file against the study's stage-3 runs: linear {move(recipe['linear'], stage3['linear'])}, "
+              f"k-NN {move(recipe['knn'], stage3['knn'])}.", "",
+              "## 3. Read-outs (seed 0 checkpoints, probes only, one seed each)", "",
+              "| variant | read-out | linear probe | k-NN | linear: move from the default (1 seed) |",
+              "|---|---|---|---|---|"]
+    for name in dict.fromkeys(["4e", best.name]):
+        default = f"{name}-seed0"
+        lines.append(f"| {name} | default (clean input, t = 10) | {cell(default)} | {cell(default, 'knn_top1')} | — |")
+        for key in read_out_keys(name):
+            change = (f"{results[key]['linear_probe_top1'] - results[default]['linear_probe_top1']:+.1f}"
+                      if key in results and default in results else "—")
+            lines.append(f"| {name} | {key.split('@')[1]} | {cell(key)} | {cell(key, 'knn_top1')} | {change} |")
+    lines += ["", "## 4. Eight epochs", "",
               f"{LONG_FACTOR * EPOCH_STEPS:,} steps ({LONG_FACTOR * EPOCH_STEPS * study.BATCH_SIZE:,} images), cosine "
               f"over all of them. MAE at 8 epochs ([cifar10-curves.md](cifar10-curves.md), one seed, warm-up then a "
               f"constant lr): {MAE[8]['linear']} / {MAE[8]['knn']} k-NN.", "",
@@ -310,20 +397,22 @@ def write_report(lab: Study, jobs: list[StudyJob], path: Path, args) -> None:
                      f"{move(linear, figures(lab, short, 'linear'))} |")
     three, four = (figures(lab, f"{name}-8ep", "linear") for name in ("3-patch-pca", "4e"))
     lines += ["", f"4e - stage 3 at 8 epochs (linear): {move(four, three)}.", "",
-              "## 4. Health: which noise levels each variant learns", "",
+              "## 5. Health: which noise levels each variant learns", "",
               "The last held-out monitor of each run (`run_pretrain.py`, fixed held-out test images and noise, "
               "step 3,000 of 2-epoch runs, 12,000 of 8-epoch runs): the loss divided by the loss of copying the noisy "
               "input, in the run's own target terms, overall and per t (< 1: it denoises at that t; at each t the "
               "ratio does not depend on the loss weighting; a dash where copying is exact, at t = 999 of a "
               "variance-preserving schedule). Runs of the journey under the xavier init were not kept, so they have "
-              "no row.", ""]
+              f"no row. Rows of runs whose folders are gone come from [{RECORD_NAME}]({folder.name}/{RECORD_NAME}).",
+              ""]
     arm_order = {name: index for index, name in enumerate(dict.fromkeys(job.arm.name for job in jobs))}
     for number, title in ((0, "the baselines"), (1, "the path 3 -> 4a -> 4b"), (2, "4e plus one of stage 3's properties"),
-                          (3, f"the noise range of {best.name}"), (4, "eight epochs")):
-        cell_jobs = {job.name: job.folder for job in sorted(jobs, key=lambda job: (arm_order[job.arm.name], job.seed))
-                     if job.arm.cell == number and job.name in runs}
-        if cell_jobs:
-            lines += [f"Cell {number}, {title}:", "", *health_table(cell_jobs), ""]
+                          (3, f"the noise range of {best.name}"), (4, "eight epochs"), (5, "the recipe file")):
+        cell_health = {job.name: health[job.name] for job in sorted(jobs, key=lambda job: (arm_order[job.arm.name],
+                                                                                         job.seed))
+                       if job.arm.cell == number and health.get(job.name)}
+        if cell_health:
+            lines += [f"Cell {number}, {title}:", "", *health_table(cell_health), ""]
     lines += ["## Every job", "", f"Estimated: {MINUTES:g} min per 2-epoch run (two side by side, one thread each), "
               f"{MINUTES * LONG_FACTOR:g} per 8-epoch run.", "",
               *journey.job_table(jobs, results)]
@@ -340,6 +429,7 @@ def main(argv=None):
                              "out, cell 4 trains it for 8 epochs too")
     args = journey.parse_study_args(parser, argv, "attribution")
     lab = (SmokeStudy if args.smoke else Study)(args)
+    restore_record(lab, Path(args.report_file).with_suffix("") / RECORD_NAME)
     jobs = build_jobs(args)
     selected = select(jobs, args.only, set(lab.results.get("pretraining", {})))
     if args.plan:

@@ -343,23 +343,31 @@ READING_MARKER = "<!-- reading: written by hand below this line, kept when the r
 HEALTH_TIMESTEPS = (10, 250, 500, 750, 999)  # run_pretrain.py's default --monitor_timesteps
 
 
-def health_table(runs: dict[str, str | Path]) -> list[str]:
-    """A markdown table of each l-DAE run's last held-out monitor against copying the noisy input (the loss of a
-    network that learned nothing: below 1 means it denoises), overall and per t; runs not yet monitored are left out.
-    At each t the ratio does not depend on the loss weighting (it multiplies both losses alike); where the copy's
-    loss is 0 it is undefined ("—"): at t = 999 of a variance-preserving schedule the input is pure noise, so copying
-    it is the exact epsilon and a clean-signal loss has weight gamma^2 = 0 there."""
-    ratio = lambda loss, copy: "—" if copy == 0 else f"{loss / copy:.2f}"  # noqa: E731
+def run_health(run_dir: str | Path) -> dict | None:
+    """A run's last held-out monitor against copying the noisy input (the loss of a network that learned nothing:
+    below 1 means it denoises), overall and per t; None for a run not yet monitored. At each t the ratio does not
+    depend on the loss weighting (it multiplies both losses alike); where the copy's loss is 0 it is undefined (None):
+    at t = 999 of a variance-preserving schedule the input is pure noise, so copying it is the exact epsilon and a
+    clean-signal loss has weight gamma^2 = 0 there."""
+    monitors = [m for m in run_metrics(run_dir) if "monitor/loss" in m]
+    if not monitors:
+        return None
+    last = monitors[-1]
+    ratio = lambda suffix: None if last[f"monitor/copy_loss{suffix}"] == 0 else (  # noqa: E731
+        last[f"monitor/loss{suffix}"] / last[f"monitor/copy_loss{suffix}"])
+    return {"step": last["step"], "loss": last["monitor/loss"], "ratio": ratio(""),
+            "ratio_t": {str(t): ratio(f"_t{t}") for t in HEALTH_TIMESTEPS}}
+
+
+def health_table(healths: dict[str, dict | None]) -> list[str]:
+    """A markdown table of `run_health` results by run name; runs not yet monitored (None) are left out."""
+    shown = lambda ratio: "—" if ratio is None else f"{ratio:.2f}"  # noqa: E731
     lines = ["| run | held-out loss | / copy | " + " | ".join(f"t = {x}" for x in HEALTH_TIMESTEPS) + " |",
              "|---|---|---|" + "---|" * len(HEALTH_TIMESTEPS)]
-    for name, path in runs.items():
-        monitors = [m for m in run_metrics(path) if "monitor/loss" in m]
-        if not monitors:
-            continue
-        last = monitors[-1]
-        ratios = [ratio(last[f"monitor/loss_t{x}"], last[f"monitor/copy_loss_t{x}"]) for x in HEALTH_TIMESTEPS]
-        lines.append(f"| {name} | {last['monitor/loss']:.3f} | {ratio(last['monitor/loss'], last['monitor/copy_loss'])} | "
-                     + " | ".join(ratios) + " |")
+    for name, health in healths.items():
+        if health is not None:
+            lines.append(f"| {name} | {health['loss']:.3f} | {shown(health['ratio'])} | "
+                         + " | ".join(shown(health["ratio_t"][str(t)]) for t in HEALTH_TIMESTEPS) + " |")
     return lines
 
 
@@ -420,7 +428,7 @@ class Report:
     def health(self) -> list[str]:
         return ["Health at the end of each l-DAE run (`run_pretrain.py`'s monitor, held-out test images): the loss "
                 "divided by the loss of copying the noisy input, overall and per time step (< 1: it denoises).", "",
-                *health_table({name: info["path"] for name, info in sorted(self.runs.items())
+                *health_table({name: run_health(info["path"]) for name, info in sorted(self.runs.items())
                                if not name.startswith("mae")}), ""]
 
     @staticmethod
