@@ -251,7 +251,8 @@ def figures(lab: Study, name: str, metric: str) -> list[float]:
     if name in XAVIER:
         return list(XAVIER[name][metric])
     key = {"linear": "linear_probe_top1", "knn": "knn_top1"}[metric]
-    return [lab.results[f"{name}-seed{seed}"][key] for seed in journey.SEEDS if f"{name}-seed{seed}" in lab.results]
+    return [lab.results[f"{name}-seed{seed}"][key] for seed in (*journey.SEEDS, *CONFIRMATION_SEEDS)
+            if f"{name}-seed{seed}" in lab.results]
 
 
 def move(new: list[float], old: list[float]) -> str:

@@ -121,7 +121,9 @@ def test_a_new_machine_continues_the_study_from_the_record_without_rerunning_or_
     health = {"step": 3000, "loss": 1.457, "ratio": 0.49,
               "ratio_t": {"10": 0.91, "250": 0.8, "500": 0.58, "750": 0.46, "999": None}}
     record = {"probes": {"4e-seed0": {"linear_probe_top1": 41.2, "linear_probe_train_top1": 41.9, "knn_top1": 31.7,
-                                      "source": "the page before"}},
+                                      "source": "the page before"},
+                         "recipe-seed3": {"linear_probe_top1": 48.9, "linear_probe_train_top1": 50.5,
+                                          "knn_top1": 39.8}},
               "runs": {"4e-seed0": {"wall_seconds": 1320, "resumed": False, "source": "the page before",
                                     "health": health}}}
     (report.parent / "cifar10-attribution").mkdir(parents=True)
@@ -141,5 +143,6 @@ def test_a_new_machine_continues_the_study_from_the_record_without_rerunning_or_
     page = report.read_text()
     assert "| 4e-seed0 | 1.457 | 0.49 | 0.91 | 0.80 | 0.58 | 0.46 | — |" in page
     assert "| 0 | 4e | l-DAE | fixed | 41.2 | — | 41.2 (1 seed) | 31.7 (1 seed) |" in page and "(the page before)" in page
+    assert "| recipe file | 2, 3 | 48.9 (1 seed) | 39.8 (1 seed) | +3.7 / +3.2 |" in page  # its fresh seeds count
     assert page.endswith("The reading.\n")
     assert json.loads((report.parent / "cifar10-attribution" / "record.json").read_text()) == record
