@@ -292,10 +292,11 @@ def plot(lab: Study, names: list[str], cells: list[str], path: Path) -> None:
         here.set_xlabel(label)
     axes[0].set_yticks(range(len(names)), names)
     axes[0].invert_yaxis()
-    axes[1].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[1].get_legend_handles_labels()
+    figure.legend(handles, labels, fontsize=7, loc="lower center", ncol=2)
     figure.suptitle("CIFAR-10, 2 epochs, d = 8: seeds (dots), mean ± half-spread; grey: journey runs (xavier init)",
                     fontsize=9)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.3 / figure.get_figheight(), 1, 1))  # room for the legend below the axes
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
 
@@ -313,7 +314,8 @@ def write_report(lab: Study, jobs: list[StudyJob], path: Path, args) -> None:
     health = healths(lab, [job.name for job in jobs], record)
     write_record(lab, record_file, health)
     sources = sorted({value["source"] for value in results.values() if "source" in value})
-    plot(lab, names, ["ref"] * len(XAVIER) + [str(arm.cell) for arm in two_epoch], folder / "attribution.png")
+    plot(lab, [*names, RECIPE.name], ["ref"] * len(XAVIER) + [str(arm.cell) for arm in two_epoch] + [str(RECIPE.cell)],
+         folder / "attribution.png")
     lines = [
         "# Why l-DAE trails its own stage 3 at CIFAR-10 scale: the attribution study", "",
         *([("**Smoke test (`--smoke`): 20 / 40 DAE steps, probes on 2k / 1k images; the numbers mean nothing.**"), ""]
