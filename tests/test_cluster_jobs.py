@@ -165,15 +165,19 @@ def _record(**values) -> dict:
             "state": "running", "program": "run_pretrain.py", **values}
 
 
-@pytest.mark.parametrize("record, env, refusal", [
-    (_record(), {}, "is in use by run_pretrain.py pid 4242 on node-b (launch 0123456789ab"),
-    (_record(state="draining"), {"LDAE_DRAIN_TIMEOUT": "1"},
+# The owner file's fields besides a fresh heartbeat: the record is built when the test runs, not when it is collected
+# (a suite slower than LDAE_OWNER_TIMEOUT before this test would otherwise find the "live" owner stale).
+@pytest.mark.parametrize("fields, env, refusal", [
+    ({}, {}, "is in use by run_pretrain.py pid 4242 on node-b (launch 0123456789ab"),
+    ({"state": "draining"}, {"LDAE_DRAIN_TIMEOUT": "1"},
      "is still owned by run_pretrain.py pid 4242 on node-b (launch 0123456789ab"),
-    (_record(heartbeat=time.time() - 3600), {}, None),  # its node was lost an hour ago
-    (_record(), {"LDAE_TAKE_OVER": "1"}, None),  # the override by hand
+    ({"heartbeat_age": 3600}, {}, None),  # its node was lost an hour ago
+    ({}, {"LDAE_TAKE_OVER": "1"}, None),  # the override by hand
 ], ids=["live", "draining-too-long", "stale", "take-over"])
-def test_an_owner_on_another_host_blocks_while_it_shows_signs_of_life(record, env, refusal, arguments, monkeypatch,
+def test_an_owner_on_another_host_blocks_while_it_shows_signs_of_life(fields, env, refusal, arguments, monkeypatch,
                                                                      capsys, caplog):
+    fields = dict(fields)
+    record = _record(heartbeat=time.time() - fields.pop("heartbeat_age", 0), **fields)
     argv, out, _ = arguments
     out.mkdir()
     (out / OWNER_FILE).write_text(json.dumps(record))
