@@ -24,7 +24,8 @@ runs side by side, one thread each; resumable (run the same command again: DAE r
 checkpoint, probes are cached in `<out>/results.json`). `docs/results/cifar10-attribution.md` is written from what
 exists; a hand-written reading below its marker line survives. Every figure and health row is also kept beside the
 report, in `cifar10-attribution/record.json`, and read back from there for runs whose output folder is gone (a new
-machine), so the page can be rewritten and the study continued without rerunning what it already measured. Before anything runs, every job's config is built here, so a key this checkout's
+machine), so the page can be rewritten and the study continued without rerunning what it already measured.
+Before anything runs, every job's config is built here, so a key this checkout's
 `LDAEConfig` does not know (which `PretrainedConfig` would silently keep as an unused attribute) or an invalid
 combination stops the study at once instead of hours in.
 """
@@ -225,9 +226,9 @@ def restore_record(lab: Study, path: Path) -> None:
 
 def healths(lab: Study, names: list[str], record: dict) -> dict[str, dict | None]:
     """Each finished run's health: from its folder where it still exists, else from the record."""
-    runs = lab.results.get("pretraining", {})
-    return {name: (run_health(runs[name]["path"]) if Path(runs[name].get("path", "/nonexistent")).exists()
-                   else record.get(name, {}).get("health")) for name in names if name in runs}
+    folders = {name: run.get("path") for name, run in lab.results.get("pretraining", {}).items()}
+    return {name: (run_health(folders[name]) if folders[name] and Path(folders[name]).exists()
+                   else record.get(name, {}).get("health")) for name in names if name in folders}
 
 
 def write_record(lab: Study, path: Path, health: dict[str, dict | None]) -> None:
